@@ -1,0 +1,24 @@
+# Both `make demo` and `make test` create .venv on a fresh machine.
+PY := .venv/bin/python
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: demo test bench clean-demo venv
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(PY) jobs/full_pipeline.py --config jobs/configs/demo.yaml $(ARGS)
+
+test: venv
+	$(PY) -m pytest -q $(ARGS)
+
+bench: venv
+	$(PY) bench/run_all.py $(ARGS)
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,30 @@
+"""The pipeline's configuration: one typed section per stage, plus `run` (where and how)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lawm.config import require
+from pipelines.ingest import IngestConfig
+
+from jobs.generate import GenerateConfig
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs/demo"  # every stage writes <root>/<stage>/; MLflow's sqlite store sits in <root>
+    name: str = "lawm"  # the parent MLflow run is named <name>-<timestamp>
+    experiment: str = "lawm"
+    seed: int = 0
+    num_cpus: Optional[int] = None  # local Ray only; a cluster (RAY_ADDRESS) brings its own
+
+    def validate(self) -> None:
+        require(bool(self.root), "root", "must not be empty")
+
+
+@dataclass
+class PipelineConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    stages: list[str] = field(default_factory=list)  # empty = every registered stage
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)

@@ -1,0 +1,61 @@
+"""Run the lawm pipeline, or some of its stages.
+
+    python jobs/full_pipeline.py --config jobs/configs/demo.yaml [--stages a,b] [--force] [key=value ...]
+
+Locally it starts Ray on this machine; under `ray job submit` (or with RAY_ADDRESS set) it uses the cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable (e.g. a Ray job's working dir)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lawm.config import ConfigError, load  # noqa: E402
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a pipeline YAML (see jobs/configs/)")
+    parser.add_argument("--stages", default="", help="comma-separated stages to run (default: the config's, else all)")
+    parser.add_argument("--force", action="store_true", help="redo the selected stages even when their outputs exist")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. ingest.fps=8 run.root=runs/x")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from jobs.config import PipelineConfig
+    from jobs.stages import STAGE_NAMES, STAGES
+
+    try:
+        cfg = load(PipelineConfig, args.config, args.overrides)
+        selected = [s for s in args.stages.split(",") if s] or cfg.stages or STAGE_NAMES
+        unknown = [s for s in selected if s not in STAGE_NAMES]
+        if unknown:
+            raise ConfigError(f"stages: unknown {unknown} (known: {', '.join(STAGE_NAMES)})")
+        from pipelines.ray_env import ensure_ray
+
+        ensure_ray(cfg.run.num_cpus)
+        from jobs.runner import run_pipeline
+
+        results = run_pipeline(cfg, STAGES, selected, force=args.force)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    root = Path(cfg.run.root).absolute()
+    from jobs.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    print("\nstages: " + ", ".join(f"{r.name} ({r.status})" for r in results))
+    print(f"outputs: {root}")
+    print(f"MLflow store: {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Runs pipeline stages in order: skip what is done, record everything in MLflow.
+
+A stage's outputs live in `<root>/<stage>/`; `_stage.json` there is written last, atomically, and holds
+the config hash and the hash of the inputs it was made from. A stage whose marker matches is skipped
+(a tag on the parent run says so, no old run is rewritten). `_pending.json` records what an unfinished
+attempt was configured with, so a resumable stage resumes only work made with the same settings.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from lawm.config import config_hash, to_dict
+from pipelines.clipper import atomic_write_json
+
+from jobs import tracking
+
+
+@dataclass
+class StageContext:
+    name: str
+    out_dir: Path
+    root: Path
+    inputs: dict[str, dict]  # upstream stage → its _stage.json record (outputs under "outputs")
+    seed: int
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+    log_metrics: Callable[[dict, int | None], None] = lambda metrics, step=None: None
+    log_artifact: Callable[..., None] = lambda path, artifact_path=None: None
+
+    def upstream(self, stage: str, key: str) -> Any:
+        if stage not in self.inputs:
+            raise RuntimeError(f"stage {self.name} needs the outputs of `{stage}`, which has not run")
+        return self.inputs[stage]["outputs"][key]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Any, StageContext], dict]
+    inputs: Callable[[Any], list[str]] = lambda cfg: []  # upstream stages, given the whole pipeline config
+    external: Callable[[Any], Any] = lambda section: None  # identity of inputs from outside the pipeline
+    resumable: bool = False
+    section: str = ""  # config section; the stage name when empty
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # ran | skipped | failed
+    outputs: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def marker(root: Path, name: str) -> dict | None:
+    path = root / name / "_stage.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool = False,
+                 echo: Callable[[str], None] = print) -> list[StageResult]:
+    """Run `selected` stages (in registry order). Each executed stage is a child MLflow run."""
+    root = Path(cfg.run.root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    uri = tracking.setup(root, cfg.run.experiment)
+    commit = tracking.git_commit()
+    results: list[StageResult] = []
+    parent = tracking.start_parent(f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   {"lawm.config_hash": config_hash(cfg), "lawm.git_commit": commit,
+                                    "mlflow.source.git.commit": commit, "lawm.stages": ",".join(selected),
+                                    "lawm.root": str(root)})
+    try:
+        for stage in (s for s in stages if s.name in selected):
+            results.append(_run_one(cfg, stage, root, force, commit, uri, parent.info.run_id, echo))
+    except BaseException:
+        tracking.end_run("FAILED")
+        raise
+    tracking.end_run()
+    return results
+
+
+def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: str, parent_id: str,
+             echo: Callable[[str], None]) -> StageResult:
+    section = getattr(cfg, stage.section or stage.name)
+    upstream = {}
+    for name in stage.inputs(cfg):
+        done = marker(root, name)
+        if done is None:
+            raise RuntimeError(f"stage `{stage.name}` needs `{name}` first: run it (or include it in --stages)")
+        upstream[name] = done
+    chash = config_hash(section, cfg.run.seed)
+    ihash = config_hash({n: (m["config_hash"], m["inputs_hash"]) for n, m in upstream.items()}, stage.external(section))
+    out_dir = root / stage.name
+    done = marker(root, stage.name)
+    if not force and done and done["config_hash"] == chash and done["inputs_hash"] == ihash:
+        echo(f"[{stage.name}] skipped: outputs in {out_dir} match this config and inputs ({chash})")
+        tracking.set_tag(f"lawm.skipped.{stage.name}", done.get("mlflow_run_id", ""))
+        return StageResult(stage.name, "skipped", done["outputs"])
+    pending_path = out_dir / "_pending.json"
+    pending = json.loads(pending_path.read_text()) if pending_path.exists() else None
+    keep = stage.resumable and not force and pending == {"config_hash": chash, "inputs_hash": ihash}
+    if out_dir.exists() and not keep:
+        shutil.rmtree(out_dir)
+    atomic_write_json(pending_path, {"config_hash": chash, "inputs_hash": ihash})
+    (out_dir / "_stage.json").unlink(missing_ok=True)
+
+    echo(f"[{stage.name}] running → {out_dir}")
+    run = tracking.start_stage(stage.name, to_dict(section), {
+        "lawm.config_hash": chash, "lawm.inputs_hash": ihash, "lawm.git_commit": commit,
+        "mlflow.source.git.commit": commit, "lawm.output_dir": str(out_dir)})
+    ctx = StageContext(stage.name, out_dir, root, upstream, cfg.run.seed, uri, run.info.run_id,
+                       tracking.log_metrics, tracking.log_artifact)
+    t0 = time.perf_counter()
+    try:
+        outputs = stage.run(section, ctx) or {}
+    except BaseException as err:
+        tracking.set_tag("lawm.error", f"{err.__class__.__name__}: {err}"[:5000])
+        tracking.end_run("FAILED")
+        echo(f"[{stage.name}] failed: {err.__class__.__name__}: {err}")
+        raise
+    seconds = time.perf_counter() - t0
+    tracking.log_metrics({"stage_seconds": seconds, **outputs.get("metrics", {})})
+    record = {"stage": stage.name, "config_hash": chash, "inputs_hash": ihash, "outputs": outputs,
+              "mlflow_run_id": run.info.run_id, "parent_run_id": parent_id, "git_commit": commit,
+              "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(out_dir / "_stage.json", record)
+    tracking.log_artifact(out_dir / "_stage.json")
+    tracking.end_run()
+    pending_path.unlink(missing_ok=True)
+    echo(f"[{stage.name}] done in {seconds:.1f}s")
+    return StageResult(stage.name, "ran", outputs, seconds)

@@ -1,0 +1,45 @@
+"""The stage registry, in pipeline order. Later stages join the list; each is one function of
+(config section, context) → outputs, written into its own folder."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.sources import discover
+
+from jobs.generate import run_generate
+from jobs.runner import Stage, StageContext
+
+
+def _ingest_input(cfg: IngestConfig, ctx: StageContext) -> str:
+    return cfg.input or ctx.upstream("generate", "manifest")
+
+
+def run_ingest_stage(cfg: IngestConfig, ctx: StageContext) -> dict:
+    cfg = dataclasses.replace(cfg, input=_ingest_input(cfg, ctx))
+    summary = run_ingest(cfg, ctx.out_dir)
+    ctx.log_artifact(ctx.out_dir / "summary.json")
+    ctx.log_artifact(ctx.out_dir / "failures.parquet")
+    metrics = {k: summary[k] for k in ("inputs", "sources_ok", "sources_failed", "clips", "hours_in", "hours_out",
+                                       "frames_out_per_s")}
+    return {"shards": str(ctx.out_dir / "shards"), "clips": str(ctx.out_dir / "clips.parquet"),
+            "summary": str(ctx.out_dir / "summary.json"), "metrics": metrics}
+
+
+def _input_identity(cfg: IngestConfig):
+    """What ingest reads from outside the pipeline: every listed file's path, size and mtime."""
+    if not cfg.input:
+        return None
+    files = [Path(s.path) for s in discover(cfg.input, tuple(cfg.extensions))]
+    stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1) for p in files]
+    return {"input": cfg.input, "files": stat}
+
+
+STAGES: list[Stage] = [
+    Stage("generate", run_generate),
+    Stage("ingest", run_ingest_stage, inputs=lambda c: [] if c.ingest.input else ["generate"],
+          external=_input_identity, resumable=True),
+]
+
+STAGE_NAMES = [s.name for s in STAGES]

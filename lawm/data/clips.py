@@ -1,0 +1,118 @@
+"""Read ingest's WebDataset shards back as training samples.
+
+    ds = clip_dataset("runs/demo/ingest/shards", split="train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)
+
+Each sample: {"frames": float (T, C, H, W) in [0, 1], "key": str, "meta": dict, "labels": {name: tensor}}.
+Shards are split across nodes (torch.distributed rank, e.g. inside a Ray Train worker) and across
+DataLoader workers, so no two readers see the same sample. When there are fewer shards than readers,
+every reader scans all shards and keeps every k-th sample instead: still disjoint, only slower.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from lawm.data.video import decode_clip
+
+
+def shard_urls(shards: str | Path | list[str], split: str | None = "train") -> list[str]:
+    """A shard folder (filtered by split prefix), a single tar, or an explicit list."""
+    if isinstance(shards, (list, tuple)):
+        return [str(s) for s in shards]
+    path = Path(shards)
+    if path.is_file():
+        return [str(path)]
+    urls = sorted(str(p) for p in path.glob(f"{split + '-' if split else ''}*.tar") if not p.name.startswith("."))
+    if not urls:
+        raise FileNotFoundError(f"no {split or ''} shards in {path}")
+    return urls
+
+
+def reader_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(index, count) of this reader among all nodes x DataLoader workers."""
+    if rank is None or world_size is None:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if dist else 0
+        world_size = torch.distributed.get_world_size() if dist else 1
+    worker = torch.utils.data.get_worker_info()
+    wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+    return rank * nworkers + wid, world_size * nworkers
+
+
+def decode_sample(sample: dict) -> dict:
+    frames = decode_clip(sample["mp4"])  # (T, H, W, C) uint8
+    out = {
+        "frames": torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0),
+        "key": sample["__key__"],
+        "meta": json.loads(sample["json"]) if "json" in sample else {},
+        "labels": {},
+    }
+    if "labels.npz" in sample:
+        with np.load(io.BytesIO(sample["labels.npz"]), allow_pickle=False) as npz:
+            out["labels"] = {k: torch.from_numpy(np.asarray(npz[k])) for k in npz.files}
+    return out
+
+
+class _Disjoint(torch.utils.data.IterableDataset):
+    """Assigns shards (or, with too few shards, samples) to this reader only."""
+
+    def __init__(self, urls: list[str], shuffle: int, seed: int, rank: int | None, world_size: int | None,
+                 epoch_shuffle: bool):
+        self.urls, self.shuffle, self.seed = urls, shuffle, seed
+        self.rank, self.world_size, self.epoch_shuffle = rank, world_size, epoch_shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        index, count = reader_info(self.rank, self.world_size)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        urls = list(self.urls)
+        if self.epoch_shuffle:
+            rng.shuffle(urls)
+        by_shard = len(urls) >= count
+        mine = urls[index::count] if by_shard else urls
+        pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples())
+        stream = iter(pipeline)
+        if not by_shard:
+            stream = (s for i, s in enumerate(stream) if i % count == index)
+        if self.shuffle > 1:
+            stream = _buffer_shuffle(stream, self.shuffle, rng)
+        for sample in stream:
+            yield decode_sample(sample)
+
+
+def _buffer_shuffle(stream: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    buf: list[dict] = []
+    for item in stream:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def clip_dataset(shards: str | Path | list[str], split: str | None = "train", shuffle: int = 256, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> _Disjoint:
+    """An IterableDataset over clips; shuffled by shard order and a sample buffer (`shuffle`=0 turns both off)."""
+    return _Disjoint(shard_urls(shards, split), shuffle, seed, rank, world_size, epoch_shuffle=shuffle > 0)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack frames and labels; keep keys and metadata as lists."""
+    out = {"frames": torch.stack([s["frames"] for s in samples]), "key": [s["key"] for s in samples],
+           "meta": [s["meta"] for s in samples]}
+    names = set.intersection(*(set(s["labels"]) for s in samples)) if samples else set()
+    out["labels"] = {k: torch.stack([torch.as_tensor(s["labels"][k]) for s in samples]) for k in sorted(names)}
+    return out

@@ -1,0 +1,19 @@
+"""Connecting to Ray: a cluster when RAY_ADDRESS is set (e.g. under `ray job submit`), else a local instance."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process. Local mode binds the dashboard to 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")

@@ -1,0 +1,79 @@
+"""Pack staged per-video tars into WebDataset shards of a target size.
+
+Shards are immutable once renamed into place; the set of keys inside existing shards is the record of
+what is packed, so a run killed at any point repacks nothing twice and loses nothing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from pathlib import Path
+
+_SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
+
+
+def shard_keys(path: Path) -> list[str]:
+    """Clip keys in a shard, read from tar headers only (no clip data is touched)."""
+    keys = []
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def list_shards(shard_dir: Path, split: str | None = None) -> list[Path]:
+    found = [p for p in sorted(shard_dir.glob("*.tar")) if _SHARD.match(p.name)]
+    return [p for p in found if split is None or _SHARD.match(p.name)["split"] == split]
+
+
+def packed_sources(shard_dir: Path) -> dict[str, str]:
+    """sid → shard file name, for every source already inside a finished shard."""
+    mapping = {}
+    for shard in list_shards(shard_dir):
+        for key in shard_keys(shard):
+            mapping[key.rsplit("_", 1)[0]] = shard.name
+    return mapping
+
+
+def _write_shard(path: Path, staged: list[Path]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tarfile.open(tmp, "w") as out:
+        for stage_tar in staged:
+            with tarfile.open(stage_tar, "r") as src:
+                for member in src:
+                    out.addfile(member, src.extractfile(member))
+    os.replace(tmp, path)
+
+
+def pack(pending: list[tuple[str, str, Path]], shard_dir: Path, target_bytes: int, min_shards: int = 1) -> dict[str, str]:
+    """Pack staged tars. `pending` holds (split, sid, staged tar) for sources not yet in a shard.
+
+    Sources are packed in (split, sid) order into shards of about `target_bytes`, never splitting a source;
+    `min_shards` lowers the target so that each split gets at least that many shards when it has the
+    sources for them (data-parallel training needs a shard per worker). Returns sid → shard name.
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob(".*.tmp"):
+        stale.unlink()  # a shard a killed run did not finish
+    mapping: dict[str, str] = {}
+    for split in sorted({s for s, _, _ in pending}):
+        items = sorted((sid, p) for s, sid, p in pending if s == split)
+        total = sum(p.stat().st_size for _, p in items)
+        target = max(1, min(target_bytes, total // max(min_shards, 1)))
+        existing = list_shards(shard_dir, split)
+        next_index = 1 + max((int(_SHARD.match(p.name)["index"]) for p in existing), default=-1)
+        group: list[tuple[str, Path]] = []
+        size = 0
+        for n, (sid, staged) in enumerate(items):
+            group.append((sid, staged))
+            size += staged.stat().st_size
+            if size >= target or n == len(items) - 1:
+                name = f"{split}-{next_index:06d}.tar"
+                _write_shard(shard_dir / name, [p for _, p in group])
+                mapping.update({s: name for s, _ in group})
+                next_index += 1
+                group, size = [], 0
+    return mapping
