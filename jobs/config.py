@@ -7,6 +7,8 @@ from typing import Optional
 from lawm.config import require
 from pipelines.ingest import IngestConfig
 
+from lawm_datasets.simulate import SimulateConfig
+
 from jobs.generate import GenerateConfig
 
 
@@ -28,3 +30,5 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=list)  # empty = every registered stage
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    ingest_sim: IngestConfig = field(default_factory=lambda: IngestConfig(clip_frames=8, stride=4, size=64))

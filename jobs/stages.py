@@ -8,6 +8,8 @@ from pathlib import Path
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.sources import discover
 
+from lawm_datasets.simulate import SimulateConfig, run_simulate
+
 from jobs.generate import run_generate
 from jobs.runner import Stage, StageContext
 
@@ -36,10 +38,31 @@ def _input_identity(cfg: IngestConfig):
     return {"input": cfg.input, "files": stat}
 
 
+def run_simulate_stage(cfg: SimulateConfig, ctx: StageContext) -> dict:
+    outputs = run_simulate(cfg, ctx.out_dir)
+    counts = {k: v for k, v in outputs.items() if not k.endswith("_manifest") and isinstance(v, (int, float))}
+    return {**{k: v for k, v in outputs.items() if k.endswith("_manifest")}, "metrics": counts}
+
+
+def run_ingest_sim_stage(cfg: IngestConfig, ctx: StageContext) -> dict:
+    """Shards the simulated, action-labelled episodes: one shard set per domain (nav, manip)."""
+    outputs: dict = {"metrics": {}}
+    for domain in ("nav", "manip"):
+        manifest = ctx.upstream("simulate", f"{domain}_manifest")
+        if manifest is None:
+            continue
+        summary = run_ingest(dataclasses.replace(cfg, input=manifest), ctx.out_dir / domain)
+        outputs[f"{domain}_shards"] = str(ctx.out_dir / domain / "shards")
+        outputs["metrics"].update({f"{domain}_clips": summary["clips"], f"{domain}_failed": summary["sources_failed"]})
+    return outputs
+
+
 STAGES: list[Stage] = [
     Stage("generate", run_generate),
     Stage("ingest", run_ingest_stage, inputs=lambda c: [] if c.ingest.input else ["generate"],
           external=_input_identity, resumable=True),
+    Stage("simulate", run_simulate_stage),
+    Stage("ingest_sim", run_ingest_sim_stage, inputs=lambda c: ["simulate"], resumable=True),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
