@@ -9,7 +9,10 @@ from pipelines.ingest import IngestConfig
 
 from lawm_datasets.simulate import SimulateConfig
 
+from pipelines.encode import EncodeConfig
+
 from jobs.generate import GenerateConfig
+from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
 
 
 @dataclass
@@ -32,3 +35,8 @@ class PipelineConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     ingest_sim: IngestConfig = field(default_factory=lambda: IngestConfig(clip_frames=8, stride=4, size=64))
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train_wm: TrainWMConfig = field(default_factory=TrainWMConfig)
+    train_decoder: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
+    train_controller: TrainControllerConfig = field(default_factory=TrainControllerConfig)
+    train_wm_action: TrainWMActionConfig = field(default_factory=TrainWMActionConfig)

@@ -10,8 +10,11 @@ from pipelines.sources import discover
 
 from lawm_datasets.simulate import SimulateConfig, run_simulate
 
+from pipelines.encode import EncodeConfig, run_encode
+
 from jobs.generate import run_generate
 from jobs.runner import Stage, StageContext
+from jobs.train_stages import run_train_controller, run_train_decoder, run_train_wm, run_train_wm_action
 
 
 def _ingest_input(cfg: IngestConfig, ctx: StageContext) -> str:
@@ -57,12 +60,33 @@ def run_ingest_sim_stage(cfg: IngestConfig, ctx: StageContext) -> dict:
     return outputs
 
 
+def run_encode_stage(cfg: EncodeConfig, ctx: StageContext) -> dict:
+    """Features for the in-the-wild clips and, when simulated data exists, for each action-labelled domain."""
+    sets = {"wild": ctx.upstream("ingest", "shards")}
+    for domain in ("nav", "manip"):
+        if "ingest_sim" in ctx.inputs and ctx.inputs["ingest_sim"]["outputs"].get(f"{domain}_shards"):
+            sets[domain] = ctx.upstream("ingest_sim", f"{domain}_shards")
+    outputs: dict = {"metrics": {}}
+    for name, shards in sets.items():
+        summary = run_encode(cfg, shards, ctx.out_dir / name)
+        outputs["features" if name == "wild" else f"{name}_features"] = summary["features"]
+        outputs["metrics"].update({f"{name}_clips_per_s": summary["metrics"]["clips_per_s"],
+                                   **{f"{name}_{split}_clips": n for split, n in summary["counts"].items()}})
+        outputs.update({k: summary[k] for k in ("dim", "grid_h", "grid_w", "tubelet", "encoder")})
+    return outputs
+
+
 STAGES: list[Stage] = [
     Stage("generate", run_generate),
     Stage("ingest", run_ingest_stage, inputs=lambda c: [] if c.ingest.input else ["generate"],
           external=_input_identity, resumable=True),
     Stage("simulate", run_simulate_stage),
     Stage("ingest_sim", run_ingest_sim_stage, inputs=lambda c: ["simulate"], resumable=True),
+    Stage("encode", run_encode_stage, inputs=lambda c: ["ingest", "ingest_sim"], resumable=True),
+    Stage("train_wm", run_train_wm, inputs=lambda c: ["encode"], resumable=True),
+    Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode"], resumable=True),
+    Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_wm"], resumable=True),
+    Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

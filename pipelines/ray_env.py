@@ -17,3 +17,5 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
+    # Ray Train's helper actors look the cluster up by address: name ours, in case other local instances run
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

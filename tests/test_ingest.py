@@ -123,20 +123,21 @@ def test_loader_splits_across_workers_without_overlap(ingested):
 
 def test_sigkill_then_resume_gives_the_same_keys(tmp_path, ray_local):
     videos = tmp_path / "many"
-    for i in range(6):
-        make_video(videos / f"v{i}.mp4", seconds=6, size="64x48", source="testsrc2" if i % 2 else "mandelbrot")
+    for i in range(16):
+        make_video(videos / f"v{i}.mp4", seconds=10, size="64x48", source="testsrc2" if i % 2 else "mandelbrot")
     overrides = [f"{k}={v}" for k, v in CFG.items()]
     cmd = [sys.executable, "-m", "pipelines.ingest", "--input", str(videos), "--quiet", *overrides]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--output", str(killed)], start_new_session=True,
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
+    proc = subprocess.Popen([*cmd, "--output", str(killed)], start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((killed / "_work" / "done").glob("*.json"))) < 2:
-        time.sleep(0.2)
+    while time.time() < deadline and not list((killed / "_work" / "done").glob("*.json")):
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    assert subprocess.run([*cmd, "--output", str(killed)], capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run([*cmd, "--output", str(killed)], capture_output=True, timeout=300, env=env).returncode == 0
     clean = tmp_path / "clean"
     cfg = from_dict(IngestConfig, {**CFG, "input": str(videos)})
     run_ingest(cfg, clean, progress=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,34 +60,59 @@ def decode_sample(sample: dict) -> dict:
     return out
 
 
-class _Disjoint(torch.utils.data.IterableDataset):
-    """Assigns shards (or, with too few shards, samples) to this reader only."""
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Reads WebDataset shards, giving this reader only its own shards (or, with too few shards, its own
+    samples), shuffled by shard order and a sample buffer, each raw sample passed through `decode`.
 
-    def __init__(self, urls: list[str], shuffle: int, seed: int, rank: int | None, world_size: int | None,
-                 epoch_shuffle: bool):
-        self.urls, self.shuffle, self.seed = urls, shuffle, seed
-        self.rank, self.world_size, self.epoch_shuffle = rank, world_size, epoch_shuffle
+    With `repeat`, epochs follow each other inside one iteration (each shuffled with its own seed), so
+    DataLoader workers are started once; `set_position` makes the next iteration resume after the batches a
+    training run has already consumed, skipping raw samples without decoding them.
+    """
+
+    def __init__(self, urls: list[str], decode: Callable[[dict], dict] = decode_sample, shuffle: int = 256,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, epoch_shuffle: bool = True,
+                 repeat: bool = False):
+        self.urls, self.decode, self.shuffle, self.seed = urls, decode, shuffle, seed
+        self.rank, self.world_size, self.epoch_shuffle, self.repeat = rank, world_size, epoch_shuffle, repeat
         self.epoch = 0
+        self.skip_batches, self.batch_size = 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[dict]:
-        index, count = reader_info(self.rank, self.world_size)
-        rng = np.random.default_rng((self.seed, self.epoch))
+    def set_position(self, batches: int, batch_size: int) -> None:
+        self.skip_batches, self.batch_size = batches, batch_size
+
+    def _epoch_samples(self, epoch: int, index: int, count: int) -> Iterator[dict]:
+        rng = np.random.default_rng((self.seed, epoch))
         urls = list(self.urls)
         if self.epoch_shuffle:
             rng.shuffle(urls)
         by_shard = len(urls) >= count
-        mine = urls[index::count] if by_shard else urls
-        pipeline = wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples())
-        stream = iter(pipeline)
+        stream = iter(wds.DataPipeline(wds.SimpleShardList(urls[index::count] if by_shard else urls),
+                                       wds.tarfile_to_samples()))
         if not by_shard:
             stream = (s for i, s in enumerate(stream) if i % count == index)
-        if self.shuffle > 1:
-            stream = _buffer_shuffle(stream, self.shuffle, rng)
-        for sample in stream:
-            yield decode_sample(sample)
+        return _buffer_shuffle(stream, self.shuffle, rng) if self.shuffle > 1 else stream
+
+    def __iter__(self) -> Iterator[dict]:
+        index, count = reader_info(self.rank, self.world_size)
+        worker = torch.utils.data.get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+        # DataLoader takes batch i from worker i % nworkers: this worker gave ceil((n - wid) / nworkers) of them
+        skip = max(0, -(-(self.skip_batches - wid) // nworkers)) * self.batch_size
+        epoch = self.epoch
+        while True:
+            seen = 0
+            for sample in self._epoch_samples(epoch, index, count):
+                seen += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield self.decode(sample)
+            if not self.repeat or seen == 0:  # an empty reader must not spin forever
+                return
+            epoch += 1
 
 
 def _buffer_shuffle(stream: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -104,15 +129,17 @@ def _buffer_shuffle(stream: Iterator[dict], size: int, rng: np.random.Generator)
 
 
 def clip_dataset(shards: str | Path | list[str], split: str | None = "train", shuffle: int = 256, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None) -> _Disjoint:
+                 rank: int | None = None, world_size: int | None = None) -> ShardDataset:
     """An IterableDataset over clips; shuffled by shard order and a sample buffer (`shuffle`=0 turns both off)."""
-    return _Disjoint(shard_urls(shards, split), shuffle, seed, rank, world_size, epoch_shuffle=shuffle > 0)
+    return ShardDataset(shard_urls(shards, split), decode_sample, shuffle, seed, rank, world_size, shuffle > 0)
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack frames and labels; keep keys and metadata as lists."""
-    out = {"frames": torch.stack([s["frames"] for s in samples]), "key": [s["key"] for s in samples],
-           "meta": [s["meta"] for s in samples]}
+    """Stack the tensors (frames or feats) and the labels every sample has; keys and metadata stay lists."""
+    out: dict = {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}
+    for name, value in samples[0].items():
+        if torch.is_tensor(value):
+            out[name] = torch.stack([s[name] for s in samples])
     names = set.intersection(*(set(s["labels"]) for s in samples)) if samples else set()
     out["labels"] = {k: torch.stack([torch.as_tensor(s["labels"][k]) for s in samples]) for k in sorted(names)}
     return out

@@ -1,0 +1,52 @@
+"""Pictures for people: training curves and frame strips, saved as PNG (and logged to MLflow by the caller)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CURVES = ("loss", "pred_loss", "reg_loss", "mlp_l2", "cross_attention_l2", "pixel_l1", "data_wait_share")
+
+
+def plot_progress(jsonl: Path, png: Path, title: str = "") -> Path:
+    """Curves of the metrics logged in a progress.jsonl (see jobs/train.py), one panel per metric."""
+    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    logs = [r for r in rows if r.get("event") == "log"]
+    keys = [k for k in CURVES if any(k in r for r in logs)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = sorted((r["step"], r[key]) for r in logs if key in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if key.endswith("loss") or key.endswith("l2"):
+            ax.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def frame_grid(rows: dict[str, np.ndarray], png: Path, title: str = "") -> Path:
+    """rows: name → (T, H, W, 3) floats in [0, 1]; one labelled row of frames each."""
+    names = list(rows)
+    t = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(names), t, figsize=(1.2 * t, 1.3 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        for j in range(t):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(rows[name]):
+                ax.imshow(np.clip(rows[name][j], 0, 1))
+        axes[i][0].set_title(name, fontsize=7, loc="left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png

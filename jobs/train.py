@@ -1,0 +1,200 @@
+"""Ray Train wiring for every training stage: a TorchTrainer (Train V2) running `lawm.training.loop.Trainer` in
+each worker, with DDP, checkpoints through `ray.train.report`, restarts from the last checkpoint after a lost
+worker, and step metrics written to MLflow by rank 0.
+
+The objective is built inside each worker from a picklable `build(**kwargs)`; its `exports()` are saved as lawm
+checkpoints in `<stage>/models/` by rank 0 at the end (so `run.root` must be shared storage on a cluster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lawm.config import require, to_dict
+from lawm.training.loop import Trainer, TrainConfig
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used when use_gpu
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the stage fails
+
+    def validate(self) -> None:
+        require(self.num_workers >= 1, "num_workers", "must be at least 1")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, all picklable."""
+    stage: str
+    build: Callable[..., torch.nn.Module]
+    build_kwargs: dict
+    train: TrainConfig
+    scaling: ScalingSection
+    train_urls: list[str]
+    val_urls: list[str]
+    data_kind: str  # "features" or "clips"
+    out_dir: str
+    seed: int = 0
+    tracking_uri: str = ""
+    mlflow_run_id: str = ""
+    val_batches: int = 4
+    extra: dict = field(default_factory=dict)
+
+
+def _decode_fn(kind: str):
+    from lawm.data.clips import decode_sample
+
+    if kind == "clips":
+        return decode_sample
+    from lawm.data.features import decode_features
+
+    return decode_features
+
+
+def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=None, repeat=False):
+    from lawm.data.clips import ShardDataset, collate
+
+    ds = ShardDataset(urls, _decode_fn(job.data_kind), shuffle=shuffle, seed=job.seed, rank=rank,
+                      world_size=world_size, epoch_shuffle=shuffle > 0, repeat=repeat)
+    loader = torch.utils.data.DataLoader(ds, batch_size=job.train.batch_size, num_workers=job.train.loader_workers,
+                                         collate_fn=collate, drop_last=True, persistent_workers=False)
+    return ds, loader
+
+
+class _MlflowLogger:
+    """Rank 0 logs step metrics into the stage's child run (the library itself never imports MLflow)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = None
+        if uri and run_id:
+            import mlflow
+
+            self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def _progress(job: TrainJob, event: dict) -> None:
+    """A JSON line per event in <stage>/progress.jsonl (start, log, end): what a person or test can follow."""
+    with open(Path(job.out_dir) / "progress.jsonl", "a") as fh:
+        fh.write(json.dumps({"time": time.time(), "pid": os.getpid(), **event}) + "\n")
+
+
+def train_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.seed + rank)
+    device = ray.train.torch.get_device()
+    objective = job.build(**job.build_kwargs).to(device)
+    module = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
+    trainer = Trainer(objective, job.train, module, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
+    log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
+    if rank == 0:
+        _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
+    ds, loader = _loader(job, job.train_urls, job.train.shuffle, repeat=True)
+
+    def make_batches(consumed: int):
+        ds.set_position(consumed, job.train.batch_size)
+        return iter(loader)
+
+    def on_log(metrics: dict, step: int) -> None:
+        if rank == 0:
+            log(metrics, step)
+            _progress(job, {"event": "log", "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "pred_loss", "samples_per_s") if k in metrics)
+            print(f"[{job.stage}] step {step}/{job.train.steps} {shown}", flush=True)
+
+    def on_checkpoint(state: dict, step: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save(state, Path(d) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
+
+    trainer.fit(make_batches, on_log, on_checkpoint)
+    if rank == 0:
+        _finish(job, objective, log)
+
+
+def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> None:
+    """Rank 0: export the trained models and evaluate on validation clips."""
+    from lawm.checkpoint import save_model
+
+    models_dir = Path(job.out_dir) / "models"
+    paths = {name: str(save_model(models_dir / f"{name}.pt", m)) for name, m in objective.exports().items()}
+    evaluation: dict[str, float] = {}
+    if hasattr(objective, "evaluate") and job.val_urls:
+        objective.eval()
+        _, loader = _loader(job, job.val_urls, shuffle=0, rank=0, world_size=1)
+        device = next(objective.parameters()).device
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else
+                     {a: b.to(device) for a, b in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
+            for k, v in objective.evaluate(batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            if n >= job.val_batches:
+                break
+        evaluation = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+        log(evaluation, job.train.steps)
+    (Path(job.out_dir) / "result.json").write_text(json.dumps({"models": paths, "eval": evaluation}, indent=1))
+    _progress(job, {"event": "end", "step": job.train.steps})
+
+
+def fit(job: TrainJob, run_name: str) -> dict:
+    """Run the job on Ray Train. Rerunning with the same `run_name` (same stage folder) resumes from its last
+    checkpoint. Returns {"models": {name: path}, "eval": {...}, "checkpoint": path}."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage = Path(job.out_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    scaling = ray.train.ScalingConfig(
+        num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+        resources_per_worker={"CPU": job.scaling.cpus_per_worker,
+                              **({"GPU": job.scaling.gpus_per_worker} if job.scaling.use_gpu else {})})
+    run_config = ray.train.RunConfig(
+        name=run_name, storage_path=str(storage.absolute()),
+        failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    trainer = TorchTrainer(train_worker, train_loop_config={"job": job}, scaling_config=scaling, run_config=run_config,
+                           torch_config=ray.train.torch.TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = json.loads((Path(job.out_dir) / "result.json").read_text())
+    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return out
+
+
+def job_config_dict(job: TrainJob) -> dict[str, Any]:
+    return {"train": to_dict(job.train), "scaling": to_dict(job.scaling), "data_kind": job.data_kind}

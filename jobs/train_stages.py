@@ -1,0 +1,181 @@
+"""Training stages: train_wm, train_decoder, train_controller, train_wm_action — each a Ray Train fit (jobs/train.py)
+of a lawm objective, reading only its declared upstream outputs (feature shards, model checkpoints)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lawm.checkpoint import load_model
+from lawm.config import require
+from lawm.data.clips import shard_urls
+from lawm.models.action_wm import ActionWMConfig, ActionWorldModel
+from lawm.models.controllers import Controller, ControllerConfig
+from lawm.models.decoder import DecoderConfig, FrameDecoder
+from lawm.models.encoders import EncoderConfig, build_encoder
+from lawm.models.lam import LAMConfig, LatentActionWorldModel
+from lawm.training.loop import TrainConfig
+from lawm.training.objectives import ActionWMObjective, ControllerObjective, DecoderObjective, LAMObjective
+
+from jobs.plots import plot_progress
+from jobs.runner import StageContext
+from jobs.train import ScalingSection, TrainJob, fit
+
+DOMAINS = ("nav", "manip")
+
+
+@dataclass
+class TrainWMConfig:
+    model: LAMConfig = field(default_factory=LAMConfig)  # feat_dim and grid come from the encode stage
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    window: int = 0  # steps per training sample, a random run inside each clip; 0 = the whole clip
+    run_name: str = "lam"  # rerunning with the same name resumes from the last checkpoint
+
+
+@dataclass
+class TrainDecoderConfig:
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run_name: str = "decoder"
+
+
+@dataclass
+class ActionData:
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    # per-domain scale bringing actions near unit size (Panda deltas are centimetres)
+    action_scale: dict[str, float] = field(default_factory=lambda: {"nav": 1.0, "manip": 25.0})
+
+    def validate(self) -> None:
+        require(set(self.domains) <= set(DOMAINS), "domains", f"must be among {list(DOMAINS)}")
+
+
+@dataclass
+class TrainControllerConfig:
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # sizes; both kinds are trained
+    data: ActionData = field(default_factory=ActionData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run_name: str = "controller"
+
+
+@dataclass
+class TrainWMActionConfig:
+    model: ActionWMConfig = field(default_factory=ActionWMConfig)
+    data: ActionData = field(default_factory=ActionData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run_name: str = "action_wm"
+
+
+# Builders run inside each Ray Train worker (they must be importable top-level functions).
+def build_lam(lam_cfg: LAMConfig, window: int) -> LAMObjective:
+    return LAMObjective(LatentActionWorldModel(lam_cfg), window=window)
+
+
+def build_decoder(dec_cfg: DecoderConfig, enc_cfg: EncoderConfig) -> DecoderObjective:
+    return DecoderObjective(FrameDecoder(dec_cfg), build_encoder(enc_cfg))
+
+
+def build_controllers(lam_path: str, ctrl_cfg: ControllerConfig, tubelet: int, scale: float) -> ControllerObjective:
+    ctrls = {kind: Controller(dataclasses.replace(ctrl_cfg, kind=kind)) for kind in ("mlp", "cross_attention")}
+    return ControllerObjective(load_model(lam_path), ctrls, tubelet, scale)
+
+
+def build_action_wm(model_cfg: ActionWMConfig, tubelet: int, scale: float) -> ActionWMObjective:
+    return ActionWMObjective(ActionWorldModel(model_cfg), tubelet, scale)
+
+
+def _encoded(ctx: StageContext) -> dict:
+    return ctx.inputs["encode"]["outputs"]
+
+
+def _fit(ctx: StageContext, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
+         scaling: ScalingSection, shards: str | Path, kind: str, run_name: str) -> dict:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    job = TrainJob(name, build, kwargs, train, scaling, shard_urls(shards, "train"), _maybe_urls(shards, "val"),
+                   kind, str(stage_dir), ctx.seed, ctx.tracking_uri, ctx.mlflow_run_id)
+    result = fit(job, run_name)
+    picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=name)
+    ctx.log_artifact(picture, "plots")
+    ctx.log_artifact(stage_dir / "result.json", name)
+    return result
+
+
+def _maybe_urls(shards: str | Path, split: str) -> list[str]:
+    try:
+        return shard_urls(shards, split)
+    except FileNotFoundError:
+        return []
+
+
+def run_train_wm(cfg: TrainWMConfig, ctx: StageContext) -> dict:
+    enc = _encoded(ctx)
+    lam_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"])
+    result = _fit(ctx, ctx.out_dir, "train_wm", build_lam, {"lam_cfg": lam_cfg, "window": cfg.window}, cfg.train,
+                  cfg.scaling, enc["features"], "features", cfg.run_name)
+    return {"model": result["models"]["lam"], "checkpoint": result["checkpoint"], "metrics": result["eval"]}
+
+
+def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
+    enc = _encoded(ctx)
+    enc_cfg = EncoderConfig(**enc["encoder"])
+    dec_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"],
+                                  image_size=enc_cfg.image_size, tubelet=enc["tubelet"])
+    shards = ctx.upstream("ingest", "shards")
+    result = _fit(ctx, ctx.out_dir, "train_decoder", build_decoder, {"dec_cfg": dec_cfg, "enc_cfg": enc_cfg},
+                  cfg.train, cfg.scaling, shards, "clips", cfg.run_name)
+    return {"model": result["models"]["decoder"], "metrics": result["eval"]}
+
+
+def action_dim(shards: str | Path) -> int:
+    """The `action` width of the first labelled clip in a shard folder."""
+    with tarfile.open(shard_urls(shards, "train")[0]) as tar:
+        for member in tar:
+            if member.name.endswith(".labels.npz"):
+                with np.load(io.BytesIO(tar.extractfile(member).read())) as npz:
+                    return int(npz["action"].shape[-1])
+    raise ValueError(f"no action labels in {shards}")
+
+
+def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
+    enc = _encoded(ctx)
+    outputs: dict = {"metrics": {}}
+    for domain in cfg.data.domains:
+        shards = enc.get(f"{domain}_features")
+        if not shards:
+            continue
+        kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale.get(domain, 1.0))
+        result = _fit(ctx, ctx.out_dir / domain, f"{stage}_{domain}", build, kwargs, cfg.train, cfg.scaling, shards,
+                      "features", f"{cfg.run_name}_{domain}")
+        outputs.update({f"{domain}_{name}": path for name, path in result["models"].items()})
+        outputs["metrics"].update({f"{domain}_{k}": v for k, v in result["eval"].items()})
+    (ctx.out_dir / "summary.json").write_text(json.dumps(outputs, indent=1))
+    return outputs
+
+
+def run_train_controller(cfg: TrainControllerConfig, ctx: StageContext) -> dict:
+    lam_path = ctx.upstream("train_wm", "model")
+
+    def kwargs(enc, domain, adim, scale):
+        lam = load_model(lam_path)
+        ctrl = dataclasses.replace(cfg.controller, action_dim=adim, latent_dim=lam.cfg.latent_dim, feat_dim=enc["dim"], grid_h=enc["grid_h"],
+                                   grid_w=enc["grid_w"])
+        return {"lam_path": lam_path, "ctrl_cfg": ctrl, "tubelet": enc["tubelet"], "scale": scale}
+
+    return _per_domain(cfg, ctx, "train_controller", build_controllers, kwargs)
+
+
+def run_train_wm_action(cfg: TrainWMActionConfig, ctx: StageContext) -> dict:
+    def kwargs(enc, domain, adim, scale):
+        model = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"],
+                                    action_dim=adim)
+        return {"model_cfg": model, "tubelet": enc["tubelet"], "scale": scale}
+
+    return _per_domain(cfg, ctx, "train_wm_action", build_action_wm, kwargs)

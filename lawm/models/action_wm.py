@@ -1,0 +1,64 @@
+"""Action-conditioned world model: the same world model, conditioned on real actions instead of latents.
+
+The upper-bound baseline for planning (like "V-JEPA 2 + WM"): no IDM, no regulariser; the world model's own
+conditioning MLP embeds the action vector in place of z. Actions must be aligned with representations
+(`encoders.align_actions` for tubelet 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from lawm.config import require
+from lawm.models.lam import eval_mode
+from lawm.models.world_model import WorldModel, WorldModelConfig
+
+
+@dataclass
+class ActionWMConfig:
+    feat_dim: int = 48
+    grid_h: int = 8
+    grid_w: int = 8
+    action_dim: int = 7
+    wm: WorldModelConfig = field(default_factory=WorldModelConfig)
+    bf16: bool = True
+
+    def validate(self) -> None:
+        require(self.action_dim > 0, "action_dim", "must be positive")
+
+
+class ActionWorldModel(nn.Module):
+    registry_name = "action_wm"
+    config_cls = ActionWMConfig
+
+    def __init__(self, cfg: ActionWMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wm = WorldModel(cfg.wm, cfg.feat_dim, (cfg.grid_h, cfg.grid_w), cfg.action_dim)
+
+    def predict(self, s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.is_cuda and self.cfg.bf16):
+            return self.wm(s, actions).float()
+
+    def forward(self, s: torch.Tensor, actions: torch.Tensor, progress: float = 1.0) -> dict:
+        """s (B, T, N, D), actions (B, T-1, A) with a_t taking s_t to s_t+1."""
+        pred = self.predict(s[:, :-1], actions)
+        pred_loss = (pred - s[:, 1:].float()).abs().mean()
+        return {"loss": pred_loss, "pred_loss": pred_loss, "pred": pred, "stats": {"pred_loss": pred_loss.item()}}
+
+    @torch.no_grad()
+    def rollout(self, context_s: torch.Tensor, actions: torch.Tensor, context_actions: torch.Tensor | None = None):
+        """context (B, Tc, N, D), actions (B, H, A); context_actions (B, Tc-1, A) required when Tc > 1."""
+        with eval_mode(self):
+            acts = context_actions if context_actions is not None else actions[:, :0]
+            if acts.shape[1] != context_s.shape[1] - 1:
+                raise ValueError("context_actions must hold Tc-1 actions")
+            seq, out = context_s, []
+            for h in range(actions.shape[1]):
+                acts = torch.cat([acts, actions[:, h : h + 1]], dim=1)
+                nxt = self.predict(seq, acts)[:, -1:]
+                out.append(nxt)
+                seq = torch.cat([seq, nxt.to(seq.dtype)], dim=1)
+            return torch.cat(out, dim=1)

@@ -1,0 +1,60 @@
+"""Inverse dynamics model g(s_t, s_t+1) -> raw latent (fed to the regulariser, which outputs z_t).
+
+A small transformer over the 2N tokens of the pair; RoPE time index 0/1 tells the frames apart. `pooled` mean-pools
+all tokens into one vector per transition (the paper's latent); `per_token` emits one latent per token position
+(the leaking positive control: with no regulariser it can copy s_t+1 through z).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from lawm.config import require
+from lawm.models.layers import Transformer
+
+# width, depth, heads (the paper does not give the IDM's size; these are our choices)
+PRESETS: dict[str, tuple[int, int, int]] = {"tiny": (64, 2, 4), "S": (384, 4, 6), "B": (768, 6, 12), "L": (1024, 6, 16)}
+
+
+@dataclass
+class IDMConfig:
+    size: Literal["tiny", "S", "B", "L"] = "tiny"
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    mode: Literal["pooled", "per_token"] = "pooled"
+
+    def __post_init__(self):
+        w, d, h = PRESETS[self.size]
+        self.width = self.width or w
+        self.depth = self.depth or d
+        self.heads = self.heads or h
+
+    def validate(self) -> None:
+        require(self.width % self.heads == 0 and self.width // self.heads >= 6, "heads",
+                "width/heads must be an integer >= 6")
+
+
+class InverseDynamics(nn.Module):
+    def __init__(self, cfg: IDMConfig, feat_dim: int, grid: tuple[int, int], out_dim: int):
+        super().__init__()
+        self.cfg, self.grid = cfg, tuple(grid)
+        self.inp = nn.Linear(feat_dim, cfg.width)
+        self.body = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, causal=False)
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.head = nn.Linear(cfg.width * (2 if cfg.mode == "per_token" else 1), out_dim)
+
+    def forward(self, s_t: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        """(B, T, N, D) twice -> (B, T, out) pooled or (B, T, N, out) per token."""
+        b, t, n, _ = s_t.shape
+        pair = torch.stack([s_t, s_next], dim=2).flatten(0, 1)  # (B*T, 2, N, D): each pair on its own
+        x = self.norm(self.body(self.inp(pair), self.grid))
+        if self.cfg.mode == "pooled":
+            out = self.head(x.mean(dim=(1, 2)))
+        else:  # both frames' token at the same position -> that position's latent
+            out = self.head(torch.cat([x[:, 0], x[:, 1]], dim=-1))
+        return out.unflatten(0, (b, t))

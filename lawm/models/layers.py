@@ -1,0 +1,165 @@
+"""Transformer pieces shared by every model: 3-axis RoPE, block-causal masks, blocks with optional AdaLN-zero.
+
+Token tensors are kept as (B, T, N, W) so that frame-wise conditioning broadcasts over a frame's N tokens
+without materialising a per-token copy; they are flattened to (B, T*N, W) only inside attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp
+
+
+def grid_positions(t: int, h: int, w: int, device=None, t0: int = 0) -> torch.Tensor:
+    """(t*h*w, 3) integer positions (time, row, col), time-major like the token order."""
+    tt, hh, ww = torch.meshgrid(
+        torch.arange(t0, t0 + t, device=device), torch.arange(h, device=device), torch.arange(w, device=device),
+        indexing="ij",
+    )
+    return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+
+
+class Rope3D(nn.Module):
+    """Rotary embedding over (time, height, width): each axis rotates its own slice of the head dimension.
+
+    Each axis gets 2*(head_dim//6) channels; leftover channels are not rotated (as V-JEPA 2 does).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 100.0):
+        super().__init__()
+        self.axis_dim = 2 * (head_dim // 6)
+        if self.axis_dim == 0:
+            raise ValueError(f"head_dim {head_dim} too small for 3-axis RoPE (need >= 6)")
+        freqs = theta ** (-torch.arange(0, self.axis_dim, 2).float() / self.axis_dim)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (L, 3) -> cos, sin of shape (L, 3*axis_dim/2)."""
+        ang = torch.cat([pos[:, i, None].float() * self.freqs[None] for i in range(3)], dim=-1)
+        return ang.cos(), ang.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, L, head_dim): rotate consecutive channel pairs of the first 2*P channels."""
+        p = cos.shape[-1]
+        rot, rest = x[..., : 2 * p], x[..., 2 * p :]
+        rot = rot.float().unflatten(-1, (p, 2))
+        x0, x1 = rot[..., 0], rot[..., 1]
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+        return torch.cat([out, rest], dim=-1)
+
+
+def block_causal_mask(t: int, n: int, device=None) -> torch.Tensor | None:
+    """Bool (t*n, t*n), True = may attend: a token of frame i sees every token of frames <= i."""
+    if t <= 1:
+        return None
+    frame = torch.arange(t, device=device).repeat_interleave(n)
+    return frame[:, None] >= frame[None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope=None, mask=None):
+        b, l, w = x.shape
+        q, k, v = self.qkv(x).view(b, l, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = Rope3D.rotate(q, *rope), Rope3D.rotate(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, l, w))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, ctx):
+        b, lq, w = x.shape
+        h, d = self.heads, w // self.heads
+        q = self.q(x).view(b, lq, h, d).transpose(1, 2)
+        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, h, d).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, lq, w))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. With `cond_width`, AdaLN-zero (DiT): a zero-initialised linear map of the
+    conditioning gives shift/scale of both norms and gates of both residual branches, so at initialisation
+    the norms are plain LayerNorms and the gates are 0: the block is exactly the identity map, whatever c is.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cond_width: int | None = None):
+        super().__init__()
+        self.cond = cond_width is not None
+        # affine LN would duplicate what the modulation already learns
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not self.cond, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=not self.cond, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=nn.GELU)
+        if self.cond:
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, 6 * width))
+            nn.init.zeros_(self.ada[1].weight)
+            nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, rope=None, mask=None) -> torch.Tensor:
+        """x (B, T, N, W); c (B, T, 1 or N, C) conditioning per frame (or per token)."""
+        b, t, n, w = x.shape
+        if self.cond:
+            sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+            h = modulate(self.norm1(x), sh1, sc1)
+            x = x + g1 * self.attn(h.reshape(b, t * n, w), rope, mask).view(b, t, n, w)
+            x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        else:
+            x = x + self.attn(self.norm1(x).reshape(b, t * n, w), rope, mask).view(b, t, n, w)
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of blocks over (B, T, N, W) tokens with 3-axis RoPE and an optional block-causal mask."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, cond_width: int | None = None,
+                 causal: bool = True, rope_theta: float = 100.0):
+        super().__init__()
+        self.causal = causal
+        self.rope = Rope3D(width // heads, rope_theta)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, cond_width) for _ in range(depth)])
+        self.apply(_init_linear)
+        for blk in self.blocks:  # re-zero AdaLN after the generic init
+            if blk.cond:
+                nn.init.zeros_(blk.ada[1].weight)
+                nn.init.zeros_(blk.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], c: torch.Tensor | None = None, t0: int = 0):
+        b, t, n, w = x.shape
+        rope = self.rope.angles(grid_positions(t, grid[0], grid[1], x.device, t0))
+        mask = block_causal_mask(t, n, x.device) if self.causal else None
+        for blk in self.blocks:
+            x = blk(x, c, rope, mask)
+        return x
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,78 @@
+"""World model p(s_0:t, z_t) -> s_t+1: a ViT over all tokens of all frames, block-causal in time.
+
+One pass predicts every next frame (teacher forcing): output frame t is the prediction of s_{t+1}. Conditioning is
+frame-wise AdaLN-zero on z_t (or token-wise when z carries one latent per token). Frame t's tokens also see the
+tokens of earlier frames, which were modulated by earlier latents: these are past actions, so nothing leaks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from lawm.config import require
+from lawm.models.layers import Transformer, modulate
+
+# width, depth, heads, cond_width. L: 24 x 1024 ~ 300 M in the blocks; cond_width 128 keeps AdaLN at ~19 M
+# (DiT's cond_width = width would add 150 M of modulation weights for a 128-d input).
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (64, 3, 4, 64),
+    "S": (384, 12, 6, 128),
+    "B": (768, 12, 12, 128),
+    "L": (1024, 24, 16, 128),
+}
+
+
+@dataclass
+class WorldModelConfig:
+    size: Literal["tiny", "S", "B", "L"] = "tiny"
+    width: Optional[int] = None  # None = take it from `size`
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    cond_width: Optional[int] = None
+    mlp_ratio: float = 4.0
+    # Predict s_t + delta: at init the model is the copy-last-frame baseline, and it only has to learn the change,
+    # which is small between consecutive frames (a far easier target than s_{t+1} itself).
+    residual: bool = True
+    rope_theta: float = 100.0
+
+    def __post_init__(self):
+        w, d, h, c = PRESETS[self.size]
+        self.width = self.width or w
+        self.depth = self.depth or d
+        self.heads = self.heads or h
+        self.cond_width = self.cond_width or c
+
+    def validate(self) -> None:
+        require(self.width % self.heads == 0, "width", "must be divisible by heads")
+        require(self.width // self.heads >= 6, "heads", "head dim must be >= 6 for 3-axis RoPE")
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WorldModelConfig, feat_dim: int, grid: tuple[int, int], cond_dim: int):
+        super().__init__()
+        self.cfg, self.grid = cfg, tuple(grid)
+        w, cw = cfg.width, cfg.cond_width
+        self.inp = nn.Linear(feat_dim, w)
+        # default (fan-in) init keeps z's signal at unit scale; std 0.02 would shrink it ~100x at small widths
+        self.cond = nn.Sequential(nn.Linear(cond_dim, cw), nn.SiLU(), nn.Linear(cw, cw))
+        self.body = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio, cond_width=cw, causal=True,
+                                rope_theta=cfg.rope_theta)
+        self.norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cw, 2 * w))
+        self.out = nn.Linear(w, feat_dim)
+        for lin in (self.final_ada[1], self.out):  # zero output: prediction = s_t at init (residual)
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, s: torch.Tensor, z: torch.Tensor, t0: int = 0) -> torch.Tensor:
+        """s (B, T, N, D), z (B, T, dz) or (B, T, N, dz) -> predictions of s_1..s_T, (B, T, N, D)."""
+        c = self.cond(z)
+        if c.dim() == 3:
+            c = c[:, :, None]  # frame-wise: broadcast over the frame's tokens
+        x = self.body(self.inp(s), self.grid, c, t0)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        delta = self.out(modulate(self.norm(x), shift, scale))
+        return s + delta.to(s.dtype) if self.cfg.residual else delta.to(s.dtype)
