@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,7 +50,8 @@ class TrainJob:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     val_batches: int = 4
-    extra: dict = field(default_factory=dict)
+    audit_keys: bool = False  # each rank appends the clip keys it trained on to keys-rank<r>.txt
+    run_dir: str = ""  # <storage>/<run name>, set by fit()
 
 
 def _decode_fn(kind: str):
@@ -110,10 +111,9 @@ def train_worker(config: dict) -> None:
     objective = job.build(**job.build_kwargs).to(device)
     module = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
     trainer = Trainer(objective, job.train, module, device)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
+    state = _latest_state(job, ray.train.get_checkpoint(), device)
+    if state is not None:
+        trainer.load_state_dict(state)
     log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
     if rank == 0:
         _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
@@ -121,7 +121,7 @@ def train_worker(config: dict) -> None:
 
     def make_batches(consumed: int):
         ds.set_position(consumed, job.train.batch_size)
-        return iter(loader)
+        return _audited(iter(loader), Path(job.out_dir) / f"keys-rank{rank}.txt") if job.audit_keys else iter(loader)
 
     def on_log(metrics: dict, step: int) -> None:
         if rank == 0:
@@ -135,12 +135,44 @@ def train_worker(config: dict) -> None:
             ckpt = None
             if rank == 0:
                 torch.save(state, Path(d) / "state.pt")
+                (Path(d) / "step.json").write_text(json.dumps({"step": step}))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
 
     trainer.fit(make_batches, on_log, on_checkpoint)
     if rank == 0:
         _finish(job, objective, log)
+
+
+def _latest_state(job: TrainJob, reported, device) -> dict | None:
+    """The newest complete checkpoint: Ray's registered one, or a newer one already persisted in the run folder
+    that the controller had not registered when a worker died (so a restart loses at most one interval)."""
+    dirs = sorted(Path(job.run_dir).glob("checkpoint_*"), key=lambda p: p.name, reverse=True) if job.run_dir else []
+    candidates = []
+    for d in dirs:
+        try:
+            candidates.append((json.loads((d / "step.json").read_text())["step"], d))
+        except (OSError, ValueError, KeyError):
+            continue  # a copy the kill interrupted
+    if reported is not None:
+        with reported.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+        candidates = [c for c in candidates if c[0] > state["step"]]
+    else:
+        state = None
+    for _, d in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            return torch.load(d / "state.pt", map_location=device, weights_only=True)
+        except Exception:
+            continue
+    return state
+
+
+def _audited(batches, path: Path):
+    for batch in batches:
+        with open(path, "a") as fh:
+            fh.write("".join(k + "\n" for k in batch["key"]))
+        yield batch
 
 
 def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> None:
@@ -186,6 +218,7 @@ def fit(job: TrainJob, run_name: str) -> dict:
         name=run_name, storage_path=str(storage.absolute()),
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    job.run_dir = str(storage.absolute() / run_name)
     trainer = TorchTrainer(train_worker, train_loop_config={"job": job}, scaling_config=scaling, run_config=run_config,
                            torch_config=ray.train.torch.TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"))
     result = trainer.fit()

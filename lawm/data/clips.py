@@ -84,13 +84,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.skip_batches, self.batch_size = batches, batch_size
 
     def _epoch_samples(self, epoch: int, index: int, count: int) -> Iterator[dict]:
-        rng = np.random.default_rng((self.seed, epoch))
-        urls = list(self.urls)
+        # Each reader owns a fixed share of the shards for the whole run (disjoint across readers in every
+        # epoch, and a node keeps re-reading the same files); only the order inside the share changes.
+        rng = np.random.default_rng((self.seed, index, epoch))
+        by_shard = len(self.urls) >= count
+        urls = sorted(self.urls)[index::count] if by_shard else sorted(self.urls)
         if self.epoch_shuffle:
             rng.shuffle(urls)
-        by_shard = len(urls) >= count
-        stream = iter(wds.DataPipeline(wds.SimpleShardList(urls[index::count] if by_shard else urls),
-                                       wds.tarfile_to_samples()))
+        stream = iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
         if not by_shard:
             stream = (s for i, s in enumerate(stream) if i % count == index)
         return _buffer_shuffle(stream, self.shuffle, rng) if self.shuffle > 1 else stream
