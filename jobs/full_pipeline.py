@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in selected if s not in STAGE_NAMES]
         if unknown:
             raise ConfigError(f"stages: unknown {unknown} (known: {', '.join(STAGE_NAMES)})")
+        from jobs.runner import check_inputs, run_pipeline
         from pipelines.ray_env import ensure_ray
 
+        check_inputs(cfg, STAGES, selected)
         ensure_ray(cfg.run.num_cpus)
-        from jobs.runner import run_pipeline
-
         results = run_pipeline(cfg, STAGES, selected, force=args.force)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lawm.config import config_hash, to_dict
+from lawm.config import ConfigError, config_hash, to_dict
 from pipelines.clipper import atomic_write_json
 
 from jobs import tracking
@@ -59,6 +59,15 @@ class StageResult:
 def marker(root: Path, name: str) -> dict | None:
     path = root / name / "_stage.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_inputs(cfg: Any, stages: list[Stage], selected: list[str]) -> None:
+    """Fail before any work when a selected stage needs one that is neither selected nor done."""
+    root = Path(cfg.run.root).absolute()
+    for stage in (s for s in stages if s.name in selected):
+        for name in stage.inputs(cfg):
+            if name not in selected and marker(root, name) is None:
+                raise ConfigError(f"stages: `{stage.name}` needs `{name}` first: run it (or include it in --stages)")
 
 
 def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool = False,

@@ -84,7 +84,7 @@ STAGES: list[Stage] = [
     Stage("ingest_sim", run_ingest_sim_stage, inputs=lambda c: ["simulate"], resumable=True),
     Stage("encode", run_encode_stage, inputs=lambda c: ["ingest", "ingest_sim"], resumable=True),
     Stage("train_wm", run_train_wm, inputs=lambda c: ["encode"], resumable=True),
-    Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode"], resumable=True),
+    Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode", "train_wm"], resumable=True),
     Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_wm"], resumable=True),
     Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
 ]

@@ -64,13 +64,13 @@ def _decode_fn(kind: str):
     return decode_features
 
 
-def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=None, repeat=False):
+def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=None, repeat=False, drop_last=True):
     from lawm.data.clips import ShardDataset, collate
 
     ds = ShardDataset(urls, _decode_fn(job.data_kind), shuffle=shuffle, seed=job.seed, rank=rank,
                       world_size=world_size, epoch_shuffle=shuffle > 0, repeat=repeat)
     loader = torch.utils.data.DataLoader(ds, batch_size=job.train.batch_size, num_workers=job.train.loader_workers,
-                                         collate_fn=collate, drop_last=True, persistent_workers=False)
+                                         collate_fn=collate, drop_last=drop_last, persistent_workers=False)
     return ds, loader
 
 
@@ -184,7 +184,7 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
     evaluation: dict[str, float] = {}
     if hasattr(objective, "evaluate") and job.val_urls:
         objective.eval()
-        _, loader = _loader(job, job.val_urls, shuffle=0, rank=0, world_size=1)
+        _, loader = _loader(job, job.val_urls, shuffle=0, rank=0, world_size=1, drop_last=False)
         device = next(objective.parameters()).device
         sums: dict[str, float] = {}
         n = 0

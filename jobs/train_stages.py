@@ -131,7 +131,36 @@ def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
     shards = ctx.upstream("ingest", "shards")
     result = _fit(ctx, ctx.out_dir, "train_decoder", build_decoder, {"dec_cfg": dec_cfg, "enc_cfg": enc_cfg},
                   cfg.train, cfg.scaling, shards, "clips", cfg.run_name)
-    return {"model": result["models"]["decoder"], "metrics": result["eval"]}
+    picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_wm", "model"), enc_cfg, shards,
+                                 ctx.out_dir / "predictions.png")
+    ctx.log_artifact(picture, "plots")
+    return {"model": result["models"]["decoder"], "predictions": str(picture), "metrics": result["eval"]}
+
+
+def prediction_picture(decoder_path: str, lam_path: str, enc_cfg: EncoderConfig, shards: str | Path, png: Path,
+                       clips: int = 2) -> Path:
+    """Validation clips as frames, decoded representations, and the world model's open-loop rollout from the first
+    frame driven by the IDM's latents, decoded: what a person checks first."""
+    import torch
+
+    from lawm.data.clips import clip_dataset
+
+    from jobs.plots import frame_grid
+
+    decoder, lam, encoder = load_model(decoder_path).eval(), load_model(lam_path).eval(), build_encoder(enc_cfg)
+    split = "val" if _maybe_urls(shards, "val") else "train"
+    rows = {}
+    with torch.no_grad():
+        for i, sample in zip(range(clips), clip_dataset(shards, split=split, shuffle=0)):
+            frames = encoder.resize(sample["frames"][None])
+            s = encoder(frames)
+            z = lam.infer_latents(s)
+            rollout = torch.cat([s[:, :1], lam.rollout(s[:, :1], z)], dim=1)
+            to_img = lambda x: x[0].permute(0, 2, 3, 1).numpy()  # noqa: E731
+            rows[f"clip {i}: frames"] = to_img(frames)
+            rows[f"clip {i}: decoded"] = to_img(decoder(s))
+            rows[f"clip {i}: world model"] = to_img(decoder(rollout))
+    return frame_grid(rows, png, title="world model rollouts with IDM latents (decoded)")
 
 
 def action_dim(shards: str | Path) -> int:
@@ -169,7 +198,7 @@ def run_train_controller(cfg: TrainControllerConfig, ctx: StageContext) -> dict:
                                    grid_w=enc["grid_w"])
         return {"lam_path": lam_path, "ctrl_cfg": ctrl, "tubelet": enc["tubelet"], "scale": scale}
 
-    return _per_domain(cfg, ctx, "train_controller", build_controllers, kwargs)
+    return {**_per_domain(cfg, ctx, "train_controller", build_controllers, kwargs), "lam": lam_path}
 
 
 def run_train_wm_action(cfg: TrainWMActionConfig, ctx: StageContext) -> dict:

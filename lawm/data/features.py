@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lawm.data.clips import ShardDataset, shard_urls
+from lawm.data.clips import collate, ShardDataset, shard_urls
 
 FEATURE_EXT = "feat.npy"
 
@@ -59,10 +59,5 @@ def feature_dataset(dir: str | Path | list[str], split: str | None = "train", sh
     return ShardDataset(shard_urls(urls, split), decode_features, shuffle, seed, rank, world_size, shuffle > 0)
 
 
-def collate_features(samples: list[dict]) -> dict:
-    """Stack features (B, T', N, D) and the labels every sample has; keys and metadata stay lists."""
-    out = {"feats": torch.stack([s["feats"] for s in samples]), "key": [s["key"] for s in samples],
-           "meta": [s["meta"] for s in samples]}
-    names = set.intersection(*(set(s["labels"]) for s in samples)) if samples else set()
-    out["labels"] = {k: torch.stack([torch.as_tensor(s["labels"][k]) for s in samples]) for k in sorted(names)}
-    return out
+# Frames or features: one collate stacks whichever tensors the samples carry.
+collate_features = collate
