@@ -15,7 +15,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+    # The dashboard (127.0.0.1 only) serves the state API that Ray Train's clean-up actors poll.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
     # Ray Train's helper actors look the cluster up by address: name ours, in case other local instances run
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
