@@ -15,7 +15,6 @@ import multiprocessing as mp
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,12 +64,15 @@ def throughput(quick: bool) -> dict:
     cfg = from_dict(IngestConfig, {"input": str(folder), "size": 256, "shard_mb": 64})
     source_frames = sum(probe(v).frames for v in videos)
     ensure_ray(CPUS)
-    bare_ffmpeg(videos[:1], cfg)  # warm the page cache for both
-    base = bare_ffmpeg(videos, cfg)
-    with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        run_ingest(cfg, out, progress=False)
-        ingest = time.perf_counter() - t0
+    bare_ffmpeg(videos, cfg)  # warm the page cache for both
+    bases, ingests = [], []
+    for _ in range(2):  # interleaved, best of two: a burst of load elsewhere must not decide the ratio
+        bases.append(bare_ffmpeg(videos, cfg))
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            run_ingest(cfg, out, progress=False)
+            ingests.append(time.perf_counter() - t0)
+    base, ingest = min(bases), min(ingests)
     return {"videos": n, "source_frames": source_frames, "bare_ffmpeg_s": base, "ingest_s": ingest,
             "bare_ffmpeg_frames_per_s": source_frames / base, "ingest_frames_per_s": source_frames / ingest,
             "ratio": base / ingest, "goal": 0.8, "moonshot": 0.9}

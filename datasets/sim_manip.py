@@ -8,8 +8,6 @@ and position control in 60 physics sub-steps (240 Hz). Gripper state is measured
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,23 +54,15 @@ class ManipConfig:
         require(1 <= self.n_objects <= 6, "n_objects", "must be 1..6")
 
 
-class ManipWorld:
+class ManipWorld(sc.PybulletWorld):
     """A table, a Panda and a few objects. Owns its pybullet client."""
 
     def __init__(self, cfg: ManipConfig):
         self.cfg = cfg
-        self.client = sc.connect()
-        self._tex_dir = tempfile.mkdtemp(prefix="lawm-manip-tex-")
+        super().__init__("lawm-manip-tex-")
         self.objects: list[int] = []
         self.cams: list[tuple[list[float], list[float]]] = []
         self.touching = False
-
-    def close(self) -> None:
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
-        shutil.rmtree(self._tex_dir, ignore_errors=True)
 
     def build(self, seed: int) -> None:
         c, cfg = self.client, self.cfg

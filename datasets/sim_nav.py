@@ -8,8 +8,6 @@ Commands are rounded to float32 before they are applied, so the logged action is
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,22 +58,14 @@ def unicycle(pose: np.ndarray, v: float, w: float, dt: float) -> np.ndarray:
     return np.array([x, y, th])
 
 
-class NavWorld:
+class NavWorld(sc.PybulletWorld):
     """One room with a Husky in it. Owns its pybullet client."""
 
     def __init__(self, cfg: NavConfig):
         self.cfg = cfg
-        self.client = sc.connect()
-        self._tex_dir = tempfile.mkdtemp(prefix="lawm-nav-tex-")
+        super().__init__("lawm-nav-tex-")
         self.pose = np.zeros(3)
         self.obstacles: list[int] = []
-
-    def close(self) -> None:
-        try:
-            self.client.disconnect()
-        except Exception:
-            pass
-        shutil.rmtree(self._tex_dir, ignore_errors=True)
 
     # ---- scene
     def build(self, seed: int) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,6 +47,21 @@ def connect():
     client.setAdditionalSearchPath(pybullet_data.getDataPath())
     return client
 
+
+
+class PybulletWorld:
+    """A DIRECT pybullet client plus a scratch folder for the textures a scene generates."""
+
+    def __init__(self, tex_prefix: str):
+        self.client = connect()
+        self._tex_dir = tempfile.mkdtemp(prefix=tex_prefix)
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        except Exception:
+            pass
+        shutil.rmtree(self._tex_dir, ignore_errors=True)
 
 def episode_seed(seed: int, domain: int, episode: int) -> int:
     """Independent seed per (run seed, simulator, episode): stable when the episode count changes."""
