@@ -50,3 +50,25 @@ def frame_grid(rows: dict[str, np.ndarray], png: Path, title: str = "") -> Path:
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
+
+
+def trajectories(manifests: dict[str, str], png: Path) -> Path:
+    """Top-down paths of every simulated episode: the Husky's (x, y) and the Panda's end-effector (x, y)."""
+    import pandas as pd
+
+    keys = {"nav": "pose", "manip": "ee_pos"}
+    fig, axes = plt.subplots(1, len(manifests), figsize=(4 * len(manifests), 4), squeeze=False)
+    for ax, (domain, manifest) in zip(axes[0], manifests.items()):
+        for path in pd.read_parquet(manifest)["path"]:
+            sidecar = Path(path).with_name(Path(path).stem + ".labels.npz")
+            if sidecar.exists():
+                with np.load(sidecar) as npz:
+                    xy = npz[keys[domain]][:, :2]
+                ax.plot(xy[:, 0], xy[:, 1], lw=1)
+                ax.plot(xy[:1, 0], xy[:1, 1], "k.", ms=4)
+        ax.set_title(f"{domain}: {keys[domain]} (x, y)")
+        ax.set_aspect("equal", "datalim")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png

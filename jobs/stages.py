@@ -13,6 +13,7 @@ from lawm_datasets.simulate import SimulateConfig, run_simulate
 from pipelines.encode import EncodeConfig, run_encode
 
 from jobs.generate import run_generate
+from jobs.plots import trajectories
 from jobs.runner import Stage, StageContext
 from jobs.train_stages import run_train_controller, run_train_decoder, run_train_wm, run_train_wm_action
 
@@ -43,6 +44,9 @@ def _input_identity(cfg: IngestConfig):
 
 def run_simulate_stage(cfg: SimulateConfig, ctx: StageContext) -> dict:
     outputs = run_simulate(cfg, ctx.out_dir)
+    manifests = {k.split("_")[0]: v for k, v in outputs.items() if k.endswith("_manifest") and v}
+    if manifests:
+        ctx.log_artifact(trajectories(manifests, ctx.out_dir / "trajectories.png"), "plots")
     counts = {k: v for k, v in outputs.items() if not k.endswith("_manifest") and isinstance(v, (int, float))}
     return {**{k: v for k, v in outputs.items() if k.endswith("_manifest")}, "metrics": counts}
 

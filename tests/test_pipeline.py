@@ -97,6 +97,7 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
     assert ctrl["lam"] == wm["model"] and Path(ctrl["nav_controller_mlp"]).exists()
     assert {"nav_action_wm", "manip_action_wm"} <= set(records["train_wm_action"]["outputs"])
     assert Path(records["train_decoder"]["outputs"]["predictions"]).stat().st_size > 0
+    assert (root / "simulate" / "trajectories.png").stat().st_size > 0
     # a stage without its inputs refuses to run instead of reading something else
     empty = tmp_path / "empty"
     assert main(["--config", str(CONFIG), f"run.root={empty}", "--stages", "train_wm"]) == 2
