@@ -26,18 +26,20 @@ sys.path.insert(0, str(ROOT))
 from lawm.config import from_dict  # noqa: E402
 from lawm.data.video import decode_args, ffmpeg_exe, probe  # noqa: E402
 from pipelines.ingest import IngestConfig, run_ingest  # noqa: E402
+from pipelines.sources import fingerprint  # noqa: E402
 
 CACHE = ROOT / "bench" / "results" / "cache"
 CPUS = 2
 
 
-def make_source(path: Path, seconds: int, size: str, fps: int) -> Path:
-    """A noisy moving test pattern (hard to compress, like real footage), cached between runs."""
+def make_source(path: Path, seconds: int, size: str, fps: int, seed: int = 0) -> Path:
+    """A noisy moving test pattern (hard to compress, like real footage), cached between runs. Each `seed` gives
+    different content: ingest treats files with the same content as one source and would skip the copies."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".tmp-" + path.name)
         subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        f"testsrc2=size={size}:rate={fps}", "-vf", "noise=alls=12:allf=t", "-t", str(seconds),
+                        f"testsrc2=size={size}:rate={fps}", "-vf", f"noise=alls=12:allf=t:all_seed={seed + 1}", "-t", str(seconds),
                         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp)], check=True)
         tmp.rename(path)
     return path
@@ -59,8 +61,8 @@ def throughput(quick: bool) -> dict:
     from pipelines.ray_env import ensure_ray
 
     n, seconds = (2, 20) if quick else (4, 60)
-    folder = CACHE / f"tput-{n}x{seconds}"
-    videos = [make_source(folder / f"v{i}.mp4", seconds, "1280x720", 30) for i in range(n)]
+    folder = CACHE / f"tput-distinct-{n}x{seconds}"
+    videos = [make_source(folder / f"v{i}.mp4", seconds, "1280x720", 30, seed=i) for i in range(n)]
     cfg = from_dict(IngestConfig, {"input": str(folder), "size": 256, "shard_mb": 64})
     source_frames = sum(probe(v).frames for v in videos)
     ensure_ray(CPUS)
@@ -73,6 +75,7 @@ def throughput(quick: bool) -> dict:
             run_ingest(cfg, out, progress=False)
             ingests.append(time.perf_counter() - t0)
     base, ingest = min(bases), min(ingests)
+    assert len({fingerprint(v) for v in videos}) == n, "benchmark videos must differ in content"
     return {"videos": n, "source_frames": source_frames, "bare_ffmpeg_s": base, "ingest_s": ingest,
             "bare_ffmpeg_frames_per_s": source_frames / base, "ingest_frames_per_s": source_frames / ingest,
             "ratio": base / ingest, "goal": 0.8, "moonshot": 0.9}

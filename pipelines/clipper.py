@@ -12,6 +12,7 @@ import os
 import tarfile
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,10 +102,25 @@ def _cut(src: Source, cfg, work: Path, sid: str, fp: str, split: str, info, seg_
     tmp = staging.with_name(f".{staging.name}.{os.getpid()}.tmp")
     window: deque[np.ndarray] = deque(maxlen=cfg.clip_frames)
     clips: list[dict] = []
+    pending: deque[tuple[dict, Future, bytes | None]] = deque()
     j = -1
-    with tarfile.open(tmp, "w") as tar:
+
+    def write_done(tar: tarfile.TarFile, keep: int) -> None:
+        """Write finished clips in order, leaving at most `keep` encodes in flight."""
+        while pending and (len(pending) > keep or pending[0][1].done()):
+            meta, future, label_bytes = pending.popleft()
+            _add_member(tar, f"{meta['key']}.mp4", future.result())
+            _add_member(tar, f"{meta['key']}.json", json.dumps(meta, default=str).encode())
+            if label_bytes is not None:
+                _add_member(tar, f"{meta['key']}.labels.npz", label_bytes)
+            clips.append(meta)
+
+    # Clips are encoded on a helper thread (the encoder is a subprocess): the decoder keeps streaming meanwhile
+    # instead of stalling on a full pipe while each clip's ffmpeg starts and runs.
+    with tarfile.open(tmp, "w") as tar, ThreadPoolExecutor(max_workers=1) as encoder:
         frames = stream_frames(src.path, cfg.fps, cfg.size, src.start, src.end, timeout=timeout,
                                threads=cfg.ffmpeg_threads)
+        made = 0
         for j, frame in enumerate(frames):
             window.append(frame)
             first = j - cfg.clip_frames + 1
@@ -118,13 +134,13 @@ def _cut(src: Source, cfg, work: Path, sid: str, fp: str, split: str, info, seg_
                     "fps": cfg.fps, "frames": cfg.clip_frames, "width": cfg.size, "height": cfg.size,
                     "split": split, "source_codec": info.codec, "source_rotation": info.rotation,
                     "has_labels": labels is not None, **{f"meta_{k}": v for k, v in src.meta.items()}}
-            _add_member(tar, f"{key}.mp4", encode_clip(np.stack(window), cfg.fps, cfg.codec, cfg.crf, cfg.preset))
-            _add_member(tar, f"{key}.json", json.dumps(meta, default=str).encode())
-            if labels is not None:
-                _add_member(tar, f"{key}.labels.npz", labels.at(times))
-            clips.append(meta)
-            if cfg.max_clips_per_video and len(clips) >= cfg.max_clips_per_video:
+            future = encoder.submit(encode_clip, np.stack(window), cfg.fps, cfg.codec, cfg.crf, cfg.preset)
+            pending.append((meta, future, labels.at(times) if labels is not None else None))
+            write_done(tar, keep=2)
+            made += 1
+            if cfg.max_clips_per_video and made >= cfg.max_clips_per_video:
                 frames.close()  # stops ffmpeg early
                 break
+        write_done(tar, keep=0)
     os.replace(tmp, staging)
     return clips, j + 1

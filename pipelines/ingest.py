@@ -149,6 +149,7 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
     summary = {
         "inputs": len(sources), "sources_ok": len(ok), "sources_failed": len(failures),
         "resumed": sum(bool(r.get("resumed")) for r in rows), "clips": len(clips),
+        "duplicate_inputs": len(rows) - len({r["sid"] for r in rows}),  # same content (and segment) listed twice
         "clips_per_split": clips["split"].value_counts().to_dict() if len(clips) else {},
         "shards": [p.name for p in list_shards(shard_dir)],
         "hours_in": seconds_in / 3600, "hours_out": len(clips) * cfg.clip_frames / cfg.fps / 3600,
