@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from lawm.config import from_dict  # noqa: E402
 from lawm.data.clips import clip_dataset, collate  # noqa: E402
 from lawm.data.features import collate_features, feature_dataset  # noqa: E402
-from lawm.data.video import ffmpeg_exe  # noqa: E402
 from lawm.models.lam import LatentActionWorldModel, lam_preset  # noqa: E402
 from pipelines.encode import EncodeConfig, make_encoder, run_encode  # noqa: E402
 from pipelines.ingest import IngestConfig, run_ingest  # noqa: E402
@@ -45,15 +43,9 @@ ENCODERS = {
 
 
 def make_source(path: Path, seconds: int, seed: int, size: str = "320x240", fps: int = 8) -> Path:
-    """A noisy moving test pattern (its own noise per seed: identical files would be one source), cached."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".tmp-" + path.name)
-        subprocess.run([ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                        f"testsrc2=size={size}:rate={fps}", "-vf", f"noise=alls=12:allf=t:all_seed={seed}", "-t", str(seconds),
-                        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(tmp)], check=True)
-        tmp.rename(path)
-    return path
+    from bench_ingest import make_source as noisy_pattern
+
+    return noisy_pattern(path, seconds, size, fps, seed)
 
 
 def _forever(loader):

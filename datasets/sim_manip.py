@@ -239,12 +239,7 @@ def _episode_task(cfg: ManipConfig, index: int, out_dir: str, split: str) -> lis
 
 def generate(cfg: ManipConfig, out_dir: str | Path, use_ray: bool = True, num_cpus: int = 0) -> Path:
     """Write manip_XXXXX_camK.mp4 + sidecars + manifest.parquet into out_dir; return the manifest path."""
-    cfg.validate()
-    out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    val = sc.val_episodes(cfg.episodes, cfg.val_fraction)
-    jobs = [(cfg, i, str(out), "val" if i in val else "train") for i in range(cfg.episodes)]
-    return sc.write_manifest(sc.fan_out(_episode_task, jobs, use_ray, num_cpus), out)
+    return sc.generate_episodes(cfg, _episode_task, out_dir, use_ray, num_cpus)
 
 
 class ManipEnv:

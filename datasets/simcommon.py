@@ -146,3 +146,14 @@ def write_manifest(rows: list[dict[str, Any]], out_dir: Path) -> Path:
     path = out_dir / "manifest.parquet"
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+def generate_episodes(cfg: Any, task: Callable, out_dir: str | Path, use_ray: bool, num_cpus: int) -> Path:
+    """Run `task(cfg, index, out_dir, split)` for every episode (as Ray tasks or inline), split by episode, and
+    write the manifest; returns its path."""
+    cfg.validate()
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    val = val_episodes(cfg.episodes, cfg.val_fraction)
+    jobs = [(cfg, i, str(out), "val" if i in val else "train") for i in range(cfg.episodes)]
+    return write_manifest(fan_out(task, jobs, use_ray, num_cpus), out)
