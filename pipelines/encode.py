@@ -20,7 +20,6 @@ on CPUs it runs inside the actors (which then hold all CPUs).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from lawm.config import ConfigError, config_hash, from_dict, parse_overrides, require, to_dict
+from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
 from lawm.models.encoders import EncoderConfig
 from pipelines.clipper import atomic_write_json
 from pipelines.shards import _SHARD, list_shards
@@ -452,25 +451,12 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.encode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="ingest's output folder (or its shards/ folder)")
-    parser.add_argument("--output", required=True, help="the output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", help="EncodeConfig fields as key=value, e.g. encoder.kind=timm")
-    args = parser.parse_args(argv)
-    try:
-        cfg = from_dict(EncodeConfig, parse_overrides(args.overrides), prefix="encode")
-        summary = run_encode(cfg, Path(args.input), Path(args.output), progress=not args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: summary[k] for k in ("counts", "dim", "grid_h", "grid_w", "tubelet", "skipped")}))
-    print(f"encode: wrote {summary['features']}")
-    return 0
+    from pipelines.cli import run_cli
+
+    return run_cli(argv, "python -m pipelines.encode", __doc__, EncodeConfig, "encode",
+                   "ingest's output folder (or its shards/ folder)",
+                   lambda cfg, inp, out, progress: run_encode(cfg, Path(inp), Path(out), progress=progress),
+                   ("counts", "dim", "grid_h", "grid_w", "tubelet", "skipped"), lambda summary, out: summary["features"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Output folder: shards/{train,val}-NNNNNN.tar, clips.parquet, failures.parquet, s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -18,7 +17,7 @@ from typing import Optional
 
 import pandas as pd
 
-from lawm.config import ConfigError, config_hash, from_dict, parse_overrides, require, to_dict
+from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
 from pipelines.clipper import atomic_write_json, process_source
 from pipelines.shards import list_shards, pack, packed_sources
 from pipelines.sources import VIDEO_EXTENSIONS, Source, discover
@@ -163,25 +162,15 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="a folder of videos or a CSV/parquet/JSONL manifest")
-    parser.add_argument("--output", required=True, help="the output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", help="IngestConfig fields as key=value, e.g. fps=8 size=128")
-    args = parser.parse_args(argv)
-    try:
-        cfg = from_dict(IngestConfig, {**parse_overrides(args.overrides), "input": args.input}, prefix="ingest")
-        summary = run_ingest(cfg, args.output, progress=not args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: summary[k] for k in ("inputs", "sources_ok", "sources_failed", "clips", "hours_in")}))
-    print(f"ingest: wrote {args.output}")
-    return 0
+    from pipelines.cli import run_cli
+
+    def run(cfg: IngestConfig, inp: str, out: str, progress: bool) -> dict:
+        cfg = from_dict(IngestConfig, {**to_dict(cfg), "input": inp}, prefix="ingest")
+        return run_ingest(cfg, out, progress=progress)
+
+    return run_cli(argv, "python -m pipelines.ingest", __doc__, IngestConfig, "ingest",
+                   "a folder of videos or a CSV/parquet/JSONL manifest", run,
+                   ("inputs", "sources_ok", "sources_failed", "clips", "hours_in"), lambda summary, out: out)
 
 
 if __name__ == "__main__":
