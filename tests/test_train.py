@@ -31,7 +31,7 @@ def features(tmp_path_factory, ray_local) -> dict:
                                         n_counterfactuals=0), root / "videos")
     run_ingest(from_dict(IngestConfig, {"input": str(manifest), "clip_frames": 8, "stride": 2, "size": 32,
                                         "min_shards": 2, "shard_mb": 1}), root / "ingest", progress=False)
-    enc = EncodeConfig(encoder=EncoderConfig(kind="patch", image_size=32, patch_size=8), shard_mb=0.05)
+    enc = EncodeConfig(encoder=EncoderConfig(kind="patch", image_size=32, patch_size=8))  # one feature shard per clip shard
     return run_encode(enc, root / "ingest" / "shards", root / "encode", progress=False)
 
 
