@@ -13,11 +13,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from lawm.config import require, to_dict
+from lawm.config import require
 from lawm.training.loop import Trainer, TrainConfig
 
 
@@ -227,7 +227,3 @@ def fit(job: TrainJob, run_name: str) -> dict:
     out = json.loads((Path(job.out_dir) / "result.json").read_text())
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return out
-
-
-def job_config_dict(job: TrainJob) -> dict[str, Any]:
-    return {"train": to_dict(job.train), "scaling": to_dict(job.scaling), "data_kind": job.data_kind}
