@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from lawm.config import require
-from lawm.training.loop import Trainer, TrainConfig
+from lawm.training.loop import Trainer, TrainConfig, to_device
 
 
 @dataclass
@@ -189,9 +189,7 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
         sums: dict[str, float] = {}
         n = 0
         for batch in loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else
-                     {a: b.to(device) for a, b in v.items()} if isinstance(v, dict) else v for k, v in batch.items()}
-            for k, v in objective.evaluate(batch).items():
+            for k, v in objective.evaluate(to_device(batch, device)).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
             if n >= job.val_batches:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lawm.checkpoint import load_model
+from lawm.checkpoint import load_checkpoint, load_model
 from lawm.config import require
 from lawm.data.clips import shard_urls
 from lawm.models.action_wm import ActionWMConfig, ActionWorldModel
@@ -191,10 +191,10 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
 
 def run_train_controller(cfg: TrainControllerConfig, ctx: StageContext) -> dict:
     lam_path = ctx.upstream("train_wm", "model")
+    latent_dim = load_checkpoint(lam_path)["config"]["latent_dim"]
 
     def kwargs(enc, domain, adim, scale):
-        lam = load_model(lam_path)
-        ctrl = dataclasses.replace(cfg.controller, action_dim=adim, latent_dim=lam.cfg.latent_dim, feat_dim=enc["dim"], grid_h=enc["grid_h"],
+        ctrl = dataclasses.replace(cfg.controller, action_dim=adim, latent_dim=latent_dim, feat_dim=enc["dim"], grid_h=enc["grid_h"],
                                    grid_w=enc["grid_w"])
         return {"lam_path": lam_path, "ctrl_cfg": ctrl, "tubelet": enc["tubelet"], "scale": scale}
 

@@ -46,18 +46,18 @@ def reader_info(rank: int | None = None, world_size: int | None = None) -> tuple
     return rank * nworkers + wid, world_size * nworkers
 
 
-def decode_sample(sample: dict) -> dict:
-    frames = decode_clip(sample["mp4"])  # (T, H, W, C) uint8
-    out = {
-        "frames": torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0),
-        "key": sample["__key__"],
-        "meta": json.loads(sample["json"]) if "json" in sample else {},
-        "labels": {},
-    }
+def sample_extras(sample: dict) -> dict:
+    """The parts every shard sample shares: key, metadata and the per-frame labels, if any."""
+    out = {"key": sample["__key__"], "meta": json.loads(sample["json"]) if "json" in sample else {}, "labels": {}}
     if "labels.npz" in sample:
         with np.load(io.BytesIO(sample["labels.npz"]), allow_pickle=False) as npz:
             out["labels"] = {k: torch.from_numpy(np.asarray(npz[k])) for k in npz.files}
     return out
+
+
+def decode_sample(sample: dict) -> dict:
+    frames = decode_clip(sample["mp4"])  # (T, H, W, C) uint8
+    return {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0), **sample_extras(sample)}
 
 
 class ShardDataset(torch.utils.data.IterableDataset):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lawm.data.clips import collate, ShardDataset, shard_urls
+from lawm.data.clips import ShardDataset, collate, sample_extras, shard_urls
 
 FEATURE_EXT = "feat.npy"
 
@@ -36,13 +36,9 @@ def load_features(data: bytes, dtype: str | None = None) -> torch.Tensor:
 
 
 def decode_features(sample: dict) -> dict:
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    out = {"feats": load_features(sample[FEATURE_EXT], meta.get("encoder", {}).get("dtype")),
-           "key": sample["__key__"], "meta": meta, "labels": {}}
-    if "labels.npz" in sample:
-        with np.load(io.BytesIO(sample["labels.npz"]), allow_pickle=False) as npz:
-            out["labels"] = {k: torch.from_numpy(np.asarray(npz[k])) for k in npz.files}
-    return out
+    extras = sample_extras(sample)
+    dtype = extras["meta"].get("encoder", {}).get("dtype")
+    return {"feats": load_features(sample[FEATURE_EXT], dtype), **extras}
 
 
 def feature_info(path: str | Path) -> dict:

@@ -56,6 +56,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors, and dicts of tensors (labels), moved to `device`; keys and metadata left as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
+                {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v)
+            for k, v in batch.items()}
+
+
 class Trainer:
     """Optimises `objective` (an nn.Module whose forward(batch, progress) returns (loss, stats)).
 
@@ -86,11 +93,6 @@ class Trainer:
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         set_rng_state(state["rng"])
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else
-                    {n: t.to(self.device) for n, t in v.items()} if isinstance(v, dict) else v)
-                for k, v in batch.items()}
-
     def fit(self, make_batches: Callable[[int], Iterator[dict]], on_log: Callable[[dict, int], None] = lambda m, s: None,
             on_checkpoint: Callable[[dict, int, dict], None] = lambda st, s, m: None) -> dict:
         """Train until cfg.steps. `make_batches(n)` gives endless batches after the first n (a resume);
@@ -110,7 +112,7 @@ class Trainer:
             for _ in range(accum):
                 tw = time.perf_counter()
                 try:
-                    batch = self._to_device(next(batches))
+                    batch = to_device(next(batches), self.device)
                 except StopIteration:
                     raise RuntimeError("the training data ran out: too few samples for this worker's batch size?") from None
                 self.batches_seen += 1

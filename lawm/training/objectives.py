@@ -52,6 +52,18 @@ def batch_actions(batch: dict, tubelet: int, scale: float = 1.0) -> torch.Tensor
     return align_actions(actions, tubelet)
 
 
+class _ActionInputs(nn.Module):
+    """Representations and the actions aligned with their transitions, for the action-driven objectives."""
+
+    def __init__(self, tubelet: int, action_scale: float, encoder: FrameEncoder | None):
+        super().__init__()
+        self.feats, self.tubelet, self.action_scale = Featurizer(encoder), tubelet, action_scale
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.feats(batch)
+        return s, batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
+
+
 def random_window(s: torch.Tensor, window: int) -> torch.Tensor:
     """A random run of `window` consecutive steps (the same for the whole batch); 0 keeps all. Training on
     short windows costs less attention per sample while every transition is still predicted causally."""
@@ -84,15 +96,14 @@ class LAMObjective(nn.Module):
                 "copy_error": (s[:, :-1] - s[:, 1:]).abs().mean().item()}
 
 
-class ControllerObjective(nn.Module):
+class ControllerObjective(_ActionInputs):
     """Both controllers (action-only MLP and cross-attention) regress the frozen IDM's latents (L2)."""
 
     def __init__(self, lam: LatentActionWorldModel, controllers: dict[str, Controller], tubelet: int = 1,
                  action_scale: float = 1.0, encoder: FrameEncoder | None = None):
-        super().__init__()
+        super().__init__(tubelet, action_scale, encoder)
         self.lam = freeze(lam)
         self.controllers = nn.ModuleDict(controllers)
-        self.feats, self.tubelet, self.action_scale = Featurizer(encoder), tubelet, action_scale
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -100,8 +111,7 @@ class ControllerObjective(nn.Module):
         return self
 
     def forward(self, batch: dict, progress: float = 1.0):
-        s = self.feats(batch)
-        actions = batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
+        s, actions = self.inputs(batch)
         target = self.lam.infer_latents(s)
         loss, stats = 0.0, {}
         for name, ctrl in self.controllers.items():
@@ -118,8 +128,7 @@ class ControllerObjective(nn.Module):
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict:
         """One-step prediction error of the world model driven by IDM latents vs by each controller's latents."""
-        s = self.feats(batch)
-        actions = batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
+        s, actions = self.inputs(batch)
         target = self.lam.infer_latents(s)
         err = lambda z: (self.lam.predict(s[:, :-1], z) - s[:, 1:]).abs().mean().item()  # noqa: E731
         out = {"wm_error_idm": err(target), "wm_error_zero_z": err(torch.zeros_like(target))}
@@ -131,15 +140,14 @@ class ControllerObjective(nn.Module):
         return out
 
 
-class ActionWMObjective(nn.Module):
+class ActionWMObjective(_ActionInputs):
     def __init__(self, model: ActionWorldModel, tubelet: int = 1, action_scale: float = 1.0,
                  encoder: FrameEncoder | None = None):
-        super().__init__()
-        self.model, self.feats, self.tubelet, self.action_scale = model, Featurizer(encoder), tubelet, action_scale
+        super().__init__(tubelet, action_scale, encoder)
+        self.model = model
 
     def forward(self, batch: dict, progress: float = 1.0):
-        s = self.feats(batch)
-        actions = batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
+        s, actions = self.inputs(batch)
         out = self.model(s, actions, progress)
         return out["loss"], out["stats"]
 
@@ -148,8 +156,7 @@ class ActionWMObjective(nn.Module):
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict:
-        s = self.feats(batch)
-        actions = batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
+        s, actions = self.inputs(batch)
         return {"one_step_error": (self.model.predict(s[:, :-1], actions) - s[:, 1:]).abs().mean().item(),
                 "copy_error": (s[:, :-1] - s[:, 1:]).abs().mean().item()}
 
