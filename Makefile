@@ -6,9 +6,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 venv: .venv/.installed
 
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet -e '.[dev]'
+	.venv/bin/pip install --quiet --constraint constraints.txt -e '.[dev,sim]'
 	touch $@
 
 demo: venv

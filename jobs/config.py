@@ -12,6 +12,7 @@ from lawm_datasets.simulate import SimulateConfig
 from pipelines.encode import EncodeConfig
 
 from jobs.generate import GenerateConfig
+from jobs.stages import IngestSimConfig
 from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
 
 
@@ -34,7 +35,7 @@ class PipelineConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
-    ingest_sim: IngestConfig = field(default_factory=lambda: IngestConfig(clip_frames=8, stride=4, size=64))
+    ingest_sim: IngestSimConfig = field(default_factory=IngestSimConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     train_wm: TrainWMConfig = field(default_factory=TrainWMConfig)
     train_decoder: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)

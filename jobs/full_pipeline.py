@@ -13,7 +13,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable (e.g. a Ray job's working dir)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lawm.config import ConfigError, load  # noqa: E402
+import yaml  # noqa: E402
+
+from lawm.config import ConfigError, load, to_dict  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):
@@ -21,6 +23,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--config", required=True, help="a pipeline YAML (see jobs/configs/)")
     parser.add_argument("--stages", default="", help="comma-separated stages to run (default: the config's, else all)")
     parser.add_argument("--force", action="store_true", help="redo the selected stages even when their outputs exist")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the fully resolved configuration (every default included) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. ingest.fps=8 run.root=runs/x")
     return parser.parse_args(argv)
 
@@ -32,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load(PipelineConfig, args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         selected = [s for s in args.stages.split(",") if s] or cfg.stages or STAGE_NAMES
         unknown = [s for s in selected if s not in STAGE_NAMES]
         if unknown:

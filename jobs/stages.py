@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.ingest import IngestConfig, run_ingest
@@ -51,7 +52,15 @@ def run_simulate_stage(cfg: SimulateConfig, ctx: StageContext) -> dict:
     return {**{k: v for k, v in outputs.items() if k.endswith("_manifest")}, "metrics": counts}
 
 
-def run_ingest_sim_stage(cfg: IngestConfig, ctx: StageContext) -> dict:
+@dataclass
+class IngestSimConfig(IngestConfig):
+    """`ingest_sim`: the same ingest, with defaults for the controller's clips: 8 frames at the simulators' 4 fps."""
+    clip_frames: int = 8
+    stride: int = 4
+    size: int = 64
+
+
+def run_ingest_sim_stage(cfg: IngestSimConfig, ctx: StageContext) -> dict:
     """Shards the simulated, action-labelled episodes: one shard set per domain (nav, manip)."""
     outputs: dict = {"metrics": {}}
     for domain in ("nav", "manip"):
