@@ -134,9 +134,9 @@ def fan_out(fn: Callable[..., list[dict]], jobs: list[tuple], use_ray: bool, num
         return [row for job in jobs for row in fn(*job)]
     import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, log_to_driver=False)
+    from pipelines.ray_env import ensure_ray  # the one way lawm starts or joins Ray
+
+    ensure_ray(num_cpus or None)
     task = ray.remote(num_cpus=1)(fn)
     results = ray.get([task.remote(*job) for job in jobs])
     return [row for rows in results for row in rows]
