@@ -102,7 +102,10 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
             raise RuntimeError(f"stage `{stage.name}` needs `{name}` first: run it (or include it in --stages)")
         upstream[name] = done
     chash = config_hash(section, cfg.run.seed)
-    ihash = config_hash({n: (m["config_hash"], m["inputs_hash"]) for n, m in upstream.items()}, stage.external(section))
+    # An upstream stage's identity is the execution that made its outputs (its MLflow run id), not only its settings:
+    # a forced or changed upstream stage makes every dependant rerun instead of trusting outputs made from the old.
+    ihash = config_hash({n: (m["config_hash"], m["inputs_hash"], m["mlflow_run_id"]) for n, m in upstream.items()},
+                        stage.external(section))
     out_dir = root / stage.name
     done = marker(root, stage.name)
     if not force and done and done["config_hash"] == chash and done["inputs_hash"] == ihash:

@@ -54,6 +54,13 @@ def test_pipeline_runs_skips_and_forces(tmp_path, ray_local, capsys):
     assert stages.count("ingest") == 3 and stages.count("generate") == 1
     assert parents[-1].data.tags.get("lawm.skipped.generate")
 
+    # forcing an upstream stage makes its dependants stale: the next plain run redoes ingest, not skips it
+    assert main([*args[:2], "--stages", "generate", "--force", *args[4:], "ingest.stride=4"]) == 0
+    assert main([*args, "ingest.stride=4"]) == 0
+    _, _, children4 = _runs(root)
+    stages = [c.data.tags["lawm.stage"] for c in children4]
+    assert stages.count("generate") == 2 and stages.count("ingest") == 4
+
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):
     root = tmp_path / "never"
