@@ -1,7 +1,9 @@
 """The pipeline's configuration: one typed section per stage, plus `run` (where and how)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from lawm.config import require
@@ -11,6 +13,7 @@ from lawm_datasets.simulate import SimulateConfig
 
 from pipelines.encode import EncodeConfig
 
+from jobs.eval_planning import EvalPlanningConfig
 from jobs.generate import GenerateConfig
 from jobs.stages import IngestSimConfig
 from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
@@ -26,6 +29,16 @@ class RunConfig:
 
     def validate(self) -> None:
         require(bool(self.root), "root", "must not be empty")
+        # Under `ray job submit` the driver runs in Ray's temporary copy of --working-dir: a relative root would put
+        # every output and the MLflow store there, and they would vanish with the cluster.
+        require(not (in_ray_job() and not Path(self.root).is_absolute() and "://" not in self.root), "root",
+                f"{self.root!r} is relative, and this is a Ray job whose working directory is Ray's temporary copy; "
+                "set run.root to an absolute path on storage every node sees (e.g. run.root=/mnt/lawm/runs/x)")
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a job started by `ray job submit` (Ray hands it its job config in this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 @dataclass
@@ -41,3 +54,4 @@ class PipelineConfig:
     train_decoder: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
     train_controller: TrainControllerConfig = field(default_factory=TrainControllerConfig)
     train_wm_action: TrainWMActionConfig = field(default_factory=TrainWMActionConfig)
+    eval_planning: EvalPlanningConfig = field(default_factory=EvalPlanningConfig)

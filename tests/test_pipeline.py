@@ -127,3 +127,15 @@ def test_print_config_shows_every_default_and_loads_back(tmp_path, capsys):
     # the printed YAML is itself a complete config: loading it gives the same configuration
     (tmp_path / "resolved.yaml").write_text(printed)
     assert to_dict(load(PipelineConfig, tmp_path / "resolved.yaml")) == resolved
+
+
+def test_relative_root_is_refused_under_a_ray_job(tmp_path, monkeypatch, capsys):
+    # `ray job submit` runs the driver inside Ray's temporary copy of the working directory and says so in this
+    # variable; a relative run.root would land there and vanish with the cluster
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}')
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(CONFIG), "--stages", "generate", "run.root=runs/demo"]) == 2
+    err = capsys.readouterr().err
+    assert "run.root" in err and "absolute" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "runs").exists()
+    assert main(["--config", str(CONFIG), "--print-config", f"run.root={tmp_path / 'abs'}"]) == 0
