@@ -2,11 +2,16 @@
 
 Two inputs are read:
 - GNM/ViNT/NWM processed trajectories: a folder per trajectory with `0.jpg … (T-1).jpg` and `traj_data.pkl`
-  = {"position": (T, 2), "yaw": (T,)} (visualnav-transformer `process_recon.py`). The pickle is read with a
-  restricted unpickler: numpy array reconstruction and builtin containers only, nothing else is importable.
+  = {"position": (T, 2), "yaw": (T,)} (visualnav-transformer `process_recon.py`). The pickle is untrusted input,
+  read by `safe_pickle.safe_load`: no code runs, nothing is imported, what it may allocate is bounded by its size.
 - The original RECON HDF5 (one file per trajectory, the layout `process_recon.py` reads): `jackal/position`
   (T, 3), `jackal/yaw` (T,), `images/rgb_left` (T,) JPEG bytes (or (T, H, W, 3) uint8), and when present
-  `commands/linear_velocity`, `commands/angular_velocity` (T,) and `collision/any` (T,).
+  `commands/linear_velocity`, `commands/angular_velocity` (T,) and `collision/any` (T,). Read through
+  `common.h5_dataset`: external/soft links, external raw storage and virtual datasets are refused.
+
+Output `recon_<name>.mp4`, `<name>` the trajectory's path under `src` made file-name-safe by `common.safe_name`
+(distinct originals give distinct names; a clash that remains, e.g. `run.h5` beside `run.hdf5`, is a failure).
+Every bad trajectory is a row in `failures.parquet` with a one-line error; the others still convert.
 
 Sidecar per frame: `pose` (x, y, yaw), `action` (v, ω) — the logged commands from HDF5 when present, otherwise
 derived from consecutive poses —, `delta` (dx, dy, dyaw) in the robot frame of frame i, `velocity_from_pose`.
@@ -15,8 +20,9 @@ The native RECON rate is unverified; frames are taken as `fps` (default 4, as th
 from __future__ import annotations
 
 import io
-import pickle
+import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +30,14 @@ from typing import Any
 import numpy as np
 
 from lawm.config import require
-from lawm_datasets.readers.common import (EpisodeError, ReaderResult, body_frame_motion, finish, split_for,
-                                          write_frames, write_sidecar)
+from lawm_datasets.readers import safe_pickle
+from lawm_datasets.readers.common import (EpisodeError, OutputNames, ReaderResult, body_frame_motion, finish,
+                                          h5_array, h5_dataset, safe_name, split_for, write_frames, write_sidecar)
+
+MAX_FRAME_BYTES = 64 << 20  # per stored frame: a 4K RGB frame is 25 MB; anything larger is not a camera frame
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ReconReadConfig:
     fps: float = 4.0
     val_fraction: float = 0.1
@@ -38,53 +47,6 @@ class ReconReadConfig:
         require(self.fps > 0, "fps", "must be > 0")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.max_frames >= 0, "max_frames", "must be >= 0")
-
-
-# ---------------------------------------------------------------- safe pickle
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    from numpy._core import multiarray, numeric
-
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 1.x pickles name numpy.core
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        allowed[(mod, "scalar")] = multiarray.scalar
-    for mod in ("numpy._core.numeric", "numpy.core.numeric"):
-        allowed[(mod, "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-_BUILTINS = {name: getattr(__import__("builtins"), name) for name in
-             ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
-              "bytearray")}
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """The pickle names a global outside the allow-list (it would run code); nothing was called."""
-
-
-class SafeUnpickler(pickle.Unpickler):
-    """Refuses every global except numpy array reconstruction and builtin containers/scalars."""
-
-    _allowed = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        if SafeUnpickler._allowed is None:
-            import codecs
-            SafeUnpickler._allowed = _numpy_globals()
-            SafeUnpickler._allowed[("_codecs", "encode")] = codecs.encode  # protocol 2 stores bytes this way
-            SafeUnpickler._allowed.update({("builtins", k): v for k, v in _BUILTINS.items()})
-            SafeUnpickler._allowed[("__builtin__", "set")] = set
-        found = SafeUnpickler._allowed.get((module, name))
-        if found is None:
-            raise RefusedGlobal(f"refused global {module}.{name}: only numpy arrays and builtin "
-                                         "containers may be unpickled")
-        return found
-
-
-def safe_load_pickle(path: str | Path) -> Any:
-    with open(path, "rb") as fh:
-        return SafeUnpickler(fh).load()
 
 
 # ---------------------------------------------------------------- trajectories
@@ -123,8 +85,8 @@ def _read_image(data: Any, where: str) -> np.ndarray:
 def _processed(folder: Path) -> tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray]]:
     pkl = folder / "traj_data.pkl"
     try:
-        data = safe_load_pickle(pkl)
-    except RefusedGlobal as err:
+        data = safe_pickle.safe_load(pkl)
+    except safe_pickle.UnsafePickle as err:
         raise EpisodeError(f"{pkl}: {err}") from None
     except Exception as err:  # truncated or garbage bytes
         raise EpisodeError(f"{pkl}: not a readable pickle ({err.__class__.__name__}: {err})") from None
@@ -142,24 +104,27 @@ def _processed(folder: Path) -> tuple[list[np.ndarray], np.ndarray, dict[str, np
 def _hdf5(path: Path) -> tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarray]]:
     import h5py
 
+    where = str(path)
     try:
         with h5py.File(path, "r") as f:
-            for key in ("jackal/position", "jackal/yaw", "images/rgb_left"):
-                if key not in f:
-                    raise EpisodeError(f"{path}: missing dataset {key}")
-            pose = _poses(f["jackal/position"][()], f["jackal/yaw"][()], str(path))
-            images = f["images/rgb_left"]
+            pose = _poses(h5_array(f, "jackal/position", where), h5_array(f, "jackal/yaw", where), where)
+            # images are read one at a time: the limit applies to one frame, not to the whole dataset
+            images = h5_dataset(f, "images/rgb_left", where, max_bytes=sys.maxsize)
             if images.shape[0] != len(pose):
                 raise EpisodeError(f"{path}: {images.shape[0]} images for {len(pose)} poses")
+            if math.prod(images.shape[1:]) * images.dtype.itemsize > MAX_FRAME_BYTES:
+                raise EpisodeError(f"{path}: refused images/rgb_left: frames of shape {images.shape[1:]}")
             frames = [_read_image(images[i], f"{path}:images/rgb_left[{i}]") for i in range(len(pose))]
             extra = {}
-            if "commands/linear_velocity" in f and "commands/angular_velocity" in f:
-                cmd = np.stack([np.asarray(f["commands/linear_velocity"][()], np.float64).reshape(-1),
-                                np.asarray(f["commands/angular_velocity"][()], np.float64).reshape(-1)], 1)
+            lin = h5_array(f, "commands/linear_velocity", where, required=False)
+            ang = h5_array(f, "commands/angular_velocity", where, required=False)
+            if lin is not None and ang is not None:
+                cmd = np.stack([lin.reshape(-1), ang.reshape(-1)], 1)
                 if cmd.shape[0] == len(pose):
                     extra["command"] = cmd
-            if "collision/any" in f and f["collision/any"].shape[0] == len(pose):
-                extra["collision"] = np.asarray(f["collision/any"][()], np.float64).reshape(len(pose), -1)[:, 0]
+            collision = h5_array(f, "collision/any", where, required=False)
+            if collision is not None and collision.shape[0] == len(pose):
+                extra["collision"] = collision.reshape(len(pose), -1)[:, 0]
     except EpisodeError:
         raise
     except Exception as err:  # not HDF5, truncated, wrong dtypes
@@ -169,7 +134,7 @@ def _hdf5(path: Path) -> tuple[list[np.ndarray], np.ndarray, dict[str, np.ndarra
 
 def _name(root: Path, item: Path) -> str:
     rel = str(item.relative_to(root)) if item != root else item.name
-    return re.sub(r"[^A-Za-z0-9_-]", "_", rel.removesuffix(".hdf5").removesuffix(".h5"))
+    return safe_name(rel.removesuffix(".hdf5").removesuffix(".h5"))
 
 
 def convert_recon(src: str | Path, out_dir: str | Path, cfg: ReconReadConfig | None = None) -> ReaderResult:
@@ -181,10 +146,12 @@ def convert_recon(src: str | Path, out_dir: str | Path, cfg: ReconReadConfig | N
     out.mkdir(parents=True, exist_ok=True)
     items = sorted({p.parent for p in root.rglob("traj_data.pkl")} |
                    {p for p in root.rglob("*") if p.suffix in (".hdf5", ".h5") and p.is_file()})
-    rows, failures = [], []
+    rows, failures, names = [], [], OutputNames()
     for item in items:
         name = _name(root, item)
+        video = out / f"recon_{name}.mp4"
         try:
+            names.claim(video, str(item))
             frames, pose, extra = _hdf5(item) if item.is_file() else _processed(item)
             if cfg.max_frames:
                 frames, pose = frames[:cfg.max_frames], pose[:cfg.max_frames]
@@ -197,7 +164,6 @@ def convert_recon(src: str | Path, out_dir: str | Path, cfg: ReconReadConfig | N
             if "command" in extra:
                 labels["action"] = labels["action"].copy()
                 labels["action"][-1] = 0.0
-            video = out / f"recon_{name}.mp4"
             write_frames(video, frames, cfg.fps)
             write_sidecar(video, np.arange(len(frames)) / cfg.fps, labels)
         except EpisodeError as err:
