@@ -22,3 +22,9 @@ bench: venv
 
 clean-demo:
 	rm -rf runs/demo
+
+# A local MLflow tracking server (sqlite + artifacts under runs/mlflow-server/, 127.0.0.1:5000 or PORT=..., one worker);
+# it prints the MLFLOW_TRACKING_URI to export. Stop it with Ctrl-C. Settings: infra/mlflow/serve.sh.
+.PHONY: mlflow-server
+mlflow-server: venv
+	infra/mlflow/serve.sh $(ARGS)

@@ -53,14 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     root = Path(cfg.run.root).absolute()
-    from jobs.tracking import tracking_uri
+    from jobs.tracking import tracking_uri, ui_url
 
     uri = tracking_uri(root)
     print("\nstages: " + ", ".join(f"{r.name} ({r.status})" for r in results))
     print(f"outputs: {root}")
     print(f"MLflow store: {uri}")
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.run.experiment)
+    exp_id = experiment.experiment_id if experiment else None
     if uri.startswith("sqlite:"):
         print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"then open {ui_url('http://127.0.0.1:5000', exp_id)}")
+    elif uri.startswith("http"):
+        print(f"MLflow UI: {ui_url(uri, exp_id)}")
     return 0
 
 

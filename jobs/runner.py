@@ -124,6 +124,7 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
     run = tracking.start_stage(stage.name, to_dict(section), {
         "lawm.config_hash": chash, "lawm.inputs_hash": ihash, "lawm.git_commit": commit,
         "mlflow.source.git.commit": commit, "lawm.output_dir": str(out_dir)})
+    tracking.log_stage_fields(cfg, stage=stage.name, upstream=list(upstream))
     ctx = StageContext(stage.name, out_dir, root, upstream, cfg.run.seed, uri, run.info.run_id,
                        tracking.log_metrics, tracking.log_artifact)
     t0 = time.perf_counter()

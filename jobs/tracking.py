@@ -2,22 +2,56 @@
 
 The library (`lawm/`) never imports MLflow; stages get plain callables (`log_metrics`, `log_artifact`)
 from here. Default store: a sqlite file in the run's root folder; MLFLOW_TRACKING_URI overrides it.
+
+What a run carries, so that MLflow's runs table and compare view tell runs apart:
+- the experiment: the tag `mlflow.experimentKind = custom_model_development` (set by `setup`), MLflow 3's own mark
+  of a model-training experiment. Measured with headless Chromium against mlflow 3.17.2: its UI ignores that tag and
+  lays every experiment out by a per-browser switch (GenAI | Model training, default GenAI: an empty trace overview).
+  A link with `?workflowType=machine_learning` opens the runs table; `ui_url` makes such links, so print those.
+- every child run: the tag `lawm.stage` and the parent run's name (`start_stage`), and, from `log_stage_fields`,
+  the tag `lawm.pipeline` plus the params `lawm.seed`, `lawm.data`, `lawm.root` and, where the stage or a stage it
+  reads from has them, `lawm.encoder`, `lawm.regulariser`, `lawm.capacity_knob`, `lawm.capacity`. Params, not only
+  tags: the compare view's parallel-coordinates, scatter and contour plots take params and metrics as axes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import mlflow
 import yaml
 
+from lawm.models.encoders import EncoderConfig
+from lawm.models.regularizers import RegConfig
+
 REPO = Path(__file__).resolve().parents[1]
+
+# MLflow 3's mark of an experiment's kind, and the value its UI writes when a user picks "model training" (read from
+# mlflow 3.17.2's server/js bundle; the Python package has no constant for it). Kept although 3.17.2's UI lays pages
+# out by MODEL_TRAINING_VIEW instead: it is the experiment's own record of what it holds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# The URL query that switches the 3.17 UI to its model-training layout (same bundle: the `workflowType` parameter).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+# Each regulariser's capacity knob: the one RegConfig field that the paper's tables sweep (see RegConfig's comments).
+CAPACITY_KNOB = {"sparse": "l1", "noisy": "beta", "discrete": "codebook_size", "none": None}
 
 
 def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').absolute()}"
+
+
+def ui_url(server: str, experiment_id: str | None = None) -> str:
+    """The MLflow UI page that shows runs: an experiment's runs table, or the experiment list, in the training layout.
+
+    `server` is the UI's base URL (a tracking server's http URI, or `mlflow ui`'s address for a sqlite store).
+    """
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{server.rstrip('/')}/#/{page}?{MODEL_TRAINING_VIEW}"
 
 
 def git_commit() -> str:
@@ -47,8 +81,11 @@ def setup(root: Path, experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         location = (root / "mlartifacts").absolute().as_uri() if uri.startswith("sqlite:") else None
-        mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+        mlflow.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    exp = mlflow.set_experiment(experiment)
+    # Experiments made before this tag existed (or switched in the UI) are set back: lawm's runs are model training.
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return uri
 
 
@@ -57,12 +94,62 @@ def start_parent(name: str, tags: dict[str, str]):
 
 
 def start_stage(stage: str, config: dict[str, Any], tags: dict[str, str]):
-    run = mlflow.start_run(run_name=stage, nested=True, tags={"lawm.stage": stage, **tags})
+    parent = mlflow.active_run()
+    parent_tags = {"lawm.parent_run_name": parent.info.run_name} if parent is not None else {}
+    run = mlflow.start_run(run_name=stage, nested=True, tags={"lawm.stage": stage, **parent_tags, **tags})
     params = {k: str(v)[:500] for k, v in flatten(config).items()}
     for i in range(0, len(params), 90):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(list(params.items())[i:i + 90]))
     mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
     return run
+
+
+def _find(obj: Any, kind: type) -> Any:
+    """The first instance of `kind` in a config dataclass tree (depth first, in field order), else None."""
+    if isinstance(obj, kind):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            found = _find(getattr(obj, f.name), kind)
+            if found is not None:
+                return found
+    return None
+
+
+def _encoder_name(e: EncoderConfig) -> str:
+    detail = {"patch": f"patch{e.patch_size}", "timm": e.timm_name, "vjepa2": str(e.weights)}[e.kind]
+    return f"{e.kind}:{detail}@{e.image_size}"
+
+
+def stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(tags, params) that place a stage's run in the pipeline's design: what it ran on and with which settings.
+
+    `cfg` is the whole pipeline config; `upstream` names the stages whose outputs this one reads. The regulariser and
+    the encoder are the stage's own when its section has them, else those of the first upstream stage that does
+    (the controller is described by the latent action model it was trained on).
+    """
+    sections = [getattr(cfg, stage, None), *(getattr(cfg, name, None) for name in upstream)]
+    tags = {"lawm.pipeline": str(cfg.run.name)}
+    params = {"lawm.seed": str(cfg.run.seed), "lawm.root": str(Path(cfg.run.root).absolute()),
+              "lawm.data": cfg.ingest.input or "generate"}  # ingest's input; empty = the pipeline's own `generate`
+    encoder = next((e for e in (_find(s, EncoderConfig) for s in sections) if e is not None), None)
+    if encoder is not None:
+        params["lawm.encoder"] = _encoder_name(encoder)
+    reg = next((r for r in (_find(s, RegConfig) for s in sections) if r is not None), None)
+    if reg is not None:
+        knob = CAPACITY_KNOB[reg.kind]
+        params["lawm.regulariser"] = reg.kind
+        params["lawm.capacity_knob"] = knob or "none"
+        params["lawm.capacity"] = str(getattr(reg, knob)) if knob else "none"
+    return tags, params
+
+
+def log_stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> dict[str, str]:
+    """Tag the active (child) run with `stage_fields` and log them as params; returns them all."""
+    tags, params = stage_fields(cfg, stage=stage, upstream=upstream)
+    mlflow.set_tags(tags)
+    mlflow.log_params(params)
+    return {**tags, **params}
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

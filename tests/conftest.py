@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -33,3 +34,23 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def stop_server(proc, children: list) -> tuple:
+    """SIGTERM a server started with start_new_session=True, wait for it and its `children`, then SIGKILL whatever
+    is left of its process group. Returns (exit code or None when it did not stop in 30 s, processes left alive)."""
+    import psutil
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=15)
+    except subprocess.TimeoutExpired:
+        rc, alive = None, children
+    finally:
+        try:  # never leave a server behind, whatever happened above
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return rc, alive

@@ -1,13 +1,17 @@
 """infra/: the deployment files parse and say what the pipeline needs; the MLflow launcher really serves.
 
-The cluster launcher YAML is checked by Ray's own schema validation (after Ray fills in its provider defaults), the
-KubeRay/Kubernetes manifests and the Dockerfile by their structure and by their agreement with each other and with
-the checkout (Ray version, image tag, WORKDIR, config path, shared mount). `infra/mlflow/serve.sh` is started for
-real on a free loopback port, used through MLFLOW_TRACKING_URI by lawm's own tracking code, and stopped by SIGTERM.
+The cluster launcher YAML is checked against the JSON schema shipped inside the installed `ray` package and by Ray's
+own validation (after Ray fills in its provider defaults), the KubeRay/Kubernetes manifests and the Dockerfile by
+their structure and by their agreement with each other and with the checkout (Ray version, image tag, WORKDIR, config
+path, shared mount). Least privilege is checked where it is written: no sudo grant left for `ray` in the image, every
+Kubernetes container without capabilities or privilege escalation, MLflow reachable from the Ray pods only; each
+checker is also shown a deliberately broken copy and must object. `infra/mlflow/serve.sh` is started for real on a
+free loopback port, used through MLFLOW_TRACKING_URI by lawm's own tracking code, and stopped by SIGTERM.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shlex
@@ -22,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import stop_server
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +107,37 @@ def test_cluster_launcher_config_passes_rays_validation():
     assert sum(t.get("max_workers", 0) for n, t in types.items() if n != cfg["head_node_type"]) <= cfg["max_workers"]
 
 
+def test_cluster_launcher_config_validates_against_the_schema_shipped_with_ray():
+    import jsonschema
+    import ray
+
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    raw = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    jsonschema.validate(raw, schema)  # the file as written, before Ray merges any defaults into it
+
+    broken = {
+        "a misspelt top-level key": lambda c: c.update(max_worker=c.pop("max_workers")),
+        "a count that is text": lambda c: c.update(max_workers="sixteen"),
+        "no cluster name": lambda c: c.pop("cluster_name"),
+        "a node type without node_config": lambda c: c["available_node_types"]["gpu_h100x8"].pop("node_config"),
+        "a provider without a type": lambda c: c["provider"].pop("type"),
+        "docker without an image field name": lambda c: c["docker"].update(imagee=c["docker"].pop("image")),
+    }
+    for what, breaks in broken.items():
+        bad = copy.deepcopy(raw)
+        breaks(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+            pytest.fail(f"the schema accepted {what}")
+
+
+def test_cluster_launcher_container_has_no_privileges():
+    opts = yaml.safe_load((INFRA / "cluster.yaml").read_text())["docker"]["run_options"]
+    assert "--cap-drop=ALL" in opts and "--security-opt=no-new-privileges" in opts
+    assert not any(o.startswith(("--privileged", "--cap-add", "--user=root", "--user=0")) for o in opts), opts
+
+
 def test_cluster_launcher_image_storage_and_auth():
     cfg = yaml.safe_load((INFRA / "cluster.yaml").read_text())
     assert_pinned(cfg["docker"]["image"])
@@ -121,8 +157,9 @@ def test_cluster_launcher_image_storage_and_auth():
 # Dockerfile
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
+    text = (INFRA / "Dockerfile").read_text() if text is None else text
+    text = text.replace("\\\n", " ")
     out = []
     for line in text.splitlines():
         line = line.strip()
@@ -159,6 +196,68 @@ def test_dockerfile_base_user_and_install():
         assert not (op == "COPY" and ("auth_token" in rest or ".ray" in rest)), f"copies a secret: {rest}"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignore)
+
+
+# What would give `ray` root again: a sudoers line for it, sudo-group membership, a setuid bit, any sudoers edit.
+GRANTS = re.compile(r"NOPASSWD|/etc/sudoers|usermod\s+(-\w*a\w*G|-G)\s*\S*\b(sudo|admin|wheel)\b"
+                    r"|adduser\s+ray\s+(sudo|admin|wheel)|gpasswd\s+-a|chmod\s+[^ ]*[ug]\+s|chmod\s+[2467][0-7]{3}\b")
+
+
+def sudo_problems(text: str) -> list[str]:
+    """Why `ray` could still become root in the image this Dockerfile builds (empty: it cannot).
+
+    The upstream base image appends `ray ALL=NOPASSWD: ALL` to /etc/sudoers and puts `ray` in the `sudo` group
+    (ray-project/ray, docker/base-deps/Dockerfile). Wanted: as root, a RUN that deletes ray's sudoers lines and takes it
+    out of the group; after it, nothing that grants anything back; the image ending as a non-root user; and, as that
+    user, a RUN that fails the build if `sudo -n` still works.
+    """
+    ins = dockerfile_instructions(text)
+    problems = []
+    user, removal = "root?", None  # the base image's last USER is ray; unknown until the Dockerfile says
+    for i, (op, rest) in enumerate(ins):
+        if op == "USER":
+            user = rest.split(":")[0]
+        elif op == "RUN" and re.search(r"sed\s+-i\S*\s.*\bray\b.*/etc/sudoers", rest) and "gpasswd -d ray sudo" in rest:
+            if user in ("root", "0"):
+                removal = i
+            else:
+                problems.append(f"the sudoers edit runs as {user!r}, not root: it cannot work")
+    if removal is None:
+        return problems + ["no RUN as root removes ray's sudoers line and sudo group membership"]
+    for op, rest in ins[removal + 1:]:
+        if GRANTS.search(rest) or (op == "COPY" and "sudoers" in rest):
+            problems.append(f"after the removal, this grants root again: {op} {rest}")
+    users = [rest.split(":")[0] for op, rest in ins if op == "USER"]
+    if not users or users[-1] in ("root", "0"):
+        problems.append("the image does not end as a non-root user")
+    last_user = max(i for i, (op, _) in enumerate(ins) if op == "USER")
+    if not any(op == "RUN" and "sudo -n true" in rest and "exit 1" in rest for op, rest in ins[last_user + 1:]):
+        problems.append("no RUN as the final user proves that `sudo -n` is refused")
+    return problems
+
+
+def test_dockerfile_leaves_ray_no_way_to_root():
+    text = (INFRA / "Dockerfile").read_text()
+    assert sudo_problems(text) == []
+
+    removal = next(line for line in text.splitlines() if line.startswith("RUN sed -i") and "/etc/sudoers" in line)
+    check = next(line for line in text.splitlines() if "sudo -n true" in line)
+    last_user = [line for line in text.splitlines() if line.startswith("USER ")][-1]
+    tail = text.rstrip("\n") + "\n"
+    broken = {
+        "the upstream grant appended again": tail + "USER root\nRUN echo 'ray ALL=NOPASSWD: ALL' >> /etc/sudoers\n"
+                                                    + last_user + "\n",
+        "ray put back in the sudo group": tail + "USER root\nRUN usermod -aG sudo ray\n" + last_user + "\n",
+        "a setuid shell": tail + "USER root\nRUN cp /bin/bash /usr/local/bin/sh2 && chmod u+s /usr/local/bin/sh2\n"
+                                 + last_user + "\n",
+        "a sudoers.d file copied in": tail + "COPY infra/ray-sudo /etc/sudoers.d/ray\n",
+        "the removal dropped": text.replace(removal, "RUN true"),
+        "the removal run as ray": text.replace("USER root\n", "USER ray\n", 1),
+        "the image ending as root": tail + "USER root\n",
+        "the sudo check dropped": text.replace(check, ""),
+    }
+    for what, copy_text in broken.items():
+        assert sudo_problems(copy_text), f"not caught: {what}"
 
 
 def dockerfile_workdir() -> str:
@@ -217,6 +316,148 @@ def test_raycluster():
     launcher_image = yaml.safe_load((INFRA / "cluster.yaml").read_text())["docker"]["image"]
     assert image.rsplit(":", 1)[1] == launcher_image.rsplit(":", 1)[1], "the two deployments run different tags"
     assert_token_auth({e["name"]: e for e in cluster["spec"]["autoscalerOptions"]["env"]}, "autoscaler")
+
+
+def security_problems(pod_spec: dict, container: dict, where: str) -> list[str]:
+    """Why this container could gain privileges (empty: it cannot). Pod-level fields count where Kubernetes applies
+    them to the container (runAsNonRoot, runAsUser, seccompProfile); the rest must be on the container itself."""
+    pod = pod_spec.get("securityContext", {})
+    own = container.get("securityContext", {})
+
+    def eff(key):
+        return own.get(key, pod.get(key))
+
+    problems = []
+    if own.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{where}: allowPrivilegeEscalation is not false")
+    caps = own.get("capabilities", {})
+    if "ALL" not in caps.get("drop", []) or caps.get("add"):
+        problems.append(f"{where}: capabilities are not all dropped ({caps})")
+    if eff("runAsNonRoot") is not True:
+        problems.append(f"{where}: runAsNonRoot is not true")
+    if eff("runAsUser") == 0:
+        problems.append(f"{where}: runs as uid 0")
+    if (eff("seccompProfile") or {}).get("type") != "RuntimeDefault":
+        problems.append(f"{where}: seccompProfile is not RuntimeDefault")
+    if own.get("privileged"):
+        problems.append(f"{where}: privileged")
+    return problems
+
+
+def every_pod_container(path: Path) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) for every container that any manifest in `path` will start."""
+    out = []
+    for doc in load_all(path):
+        kind, spec = doc["kind"], doc.get("spec", {})
+        if kind == "RayCluster":
+            head_pod = spec["headGroupSpec"]["template"]["spec"]
+            # the autoscaler is a sidecar in the head pod: the pod's context applies to it too
+            autoscaler = {"securityContext": spec["autoscalerOptions"].get("securityContext", {})}
+            out.append(("autoscaler", head_pod, autoscaler))
+            out += [(f"RayCluster/{name}/{c['name']}", g["template"]["spec"], c) for name, g, c in all_containers(doc)]
+        elif kind == "RayJob":
+            pod = spec["submitterPodTemplate"]["spec"]
+            out += [(f"RayJob/{c['name']}", pod, c) for c in pod["containers"]]
+        elif kind in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+            pod = spec["template"]["spec"]
+            out += [(f"{kind}/{c['name']}", pod, c) for c in pod.get("initContainers", []) + pod["containers"]]
+        else:
+            assert "template" not in spec, f"{path.name}: {kind} starts pods that this test does not look at"
+    return out
+
+
+def test_every_pod_runs_unprivileged():
+    found = []
+    for path in (INFRA / "kuberay" / "raycluster.yaml", INFRA / "kuberay" / "rayjob.yaml",
+                 INFRA / "mlflow" / "mlflow.yaml"):
+        containers = every_pod_container(path)
+        assert containers, f"{path.name}: no containers found"
+        for where, pod, container in containers:
+            assert security_problems(pod, container, where) == []
+            found.append(where)
+    # head, both worker groups, the autoscaler, the submitter and MLflow
+    assert len(found) == 6, found
+
+    # the checker objects to each weakening, on a copy of the real head container
+    cluster = by_kind(INFRA / "kuberay" / "raycluster.yaml", "RayCluster")
+    _, group, container = all_containers(cluster)[0]
+    pod = group["template"]["spec"]
+    weakened = {
+        "escalation allowed": lambda p, c: c["securityContext"].update(allowPrivilegeEscalation=True),
+        "escalation unset": lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
+        "a capability added": lambda p, c: c["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "capabilities kept": lambda p, c: c["securityContext"].pop("capabilities"),
+        "root allowed": lambda p, c: [ctx.pop("runAsNonRoot") for ctx in (c["securityContext"], p["securityContext"])],
+        "uid 0": lambda p, c: c["securityContext"].update(runAsUser=0),
+        "unconfined seccomp": lambda p, c: c["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        "privileged": lambda p, c: c["securityContext"].update(privileged=True),
+    }
+    for what, weaken in weakened.items():
+        p, c = copy.deepcopy(pod), copy.deepcopy(container)
+        weaken(p, c)
+        assert security_problems(p, c, what), f"not caught: {what}"
+
+
+def test_mlflow_admits_only_the_ray_pods():
+    path = INFRA / "mlflow" / "mlflow.yaml"
+    dep, svc, policy = by_kind(path, "Deployment"), by_kind(path, "Service"), by_kind(path, "NetworkPolicy")
+    cluster = by_kind(INFRA / "kuberay" / "raycluster.yaml", "RayCluster")
+    mlflow_labels = dep["spec"]["template"]["metadata"]["labels"]
+    ray_pods = [cluster["spec"]["headGroupSpec"]] + cluster["spec"]["workerGroupSpecs"]
+    ray_labels = [g["template"].get("metadata", {}).get("labels", {}) for g in ray_pods]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    server_ports = {p["name"] for p in container["ports"]} | {p["containerPort"] for p in container["ports"]}
+
+    def admitted(labels: dict, namespace: str, port) -> bool:
+        """Does `policy` let a pod with these labels, in this namespace, reach the MLflow pod on this port?"""
+        if not policy["spec"]["podSelector"]["matchLabels"].items() <= mlflow_labels.items():
+            return True  # the policy does not even select the MLflow pod: everything is admitted
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p.get("port") in (port, None) for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True  # a rule without `from` admits every source
+            for peer in peers:
+                assert set(peer) <= {"podSelector", "namespaceSelector", "ipBlock"}, peer
+                if "ipBlock" in peer or "namespaceSelector" in peer:
+                    return True  # CIDRs hold pod IPs, and other namespaces' pods are not what this policy is for
+                if namespace != policy["metadata"]["namespace"]:
+                    continue  # a podSelector alone picks pods of the policy's own namespace
+                sel = peer.get("podSelector", {})
+                if sel.get("matchExpressions") or sel.get("matchLabels", {}).items() <= labels.items():
+                    return True  # expressions are not evaluated here: counted as admitting
+        return False
+
+    ns = policy["metadata"]["namespace"]
+    assert ns == dep["metadata"]["namespace"] == svc["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    port = svc["spec"]["ports"][0]["targetPort"]
+    assert port in server_ports
+    for labels in ray_labels:
+        assert admitted(labels, ns, port), f"a Ray pod ({labels}) cannot reach MLflow"
+    assert not admitted({}, ns, port), "a pod without labels reaches MLflow"
+    assert not admitted({"app": "something-else"}, ns, port)
+    assert not admitted(ray_labels[0], "other-namespace", port), "pods of other namespaces reach MLflow"
+    assert not any(p.get("namespaceSelector") is not None or "ipBlock" in p
+                   for r in policy["spec"]["ingress"] for p in r.get("from", [])), "open beyond the Ray pods"
+
+    # the same judge on broken copies: each must let someone else in
+    for what, breaks in {
+        "a rule without from": lambda q: q["spec"]["ingress"][0].pop("from"),
+        "an empty pod selector": lambda q: q["spec"]["ingress"][0]["from"][0].update(podSelector={}),
+        "selecting another pod": lambda q: q["spec"].update(podSelector={"matchLabels": {"app": "not-mlflow"}}),
+        "a second, open rule": lambda q: q["spec"]["ingress"].append({}),
+        "a peer from any namespace": lambda q: q["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}}),
+    }.items():
+        original = copy.deepcopy(policy)
+        breaks(policy)
+        try:
+            assert admitted({}, ns, port), f"not caught: {what}"
+        finally:
+            policy.clear()
+            policy.update(original)
 
 
 def test_rayjob_runs_the_pipeline_on_shared_storage():
@@ -386,21 +627,9 @@ def test_serve_sh_serves_on_loopback_and_stops_on_sigterm(tmp_path):
         assert list((data / "artifacts").rglob("note.txt")), "artifacts are not in the server's destination"
         assert (data / "mlflow.db").is_file()
     finally:
-        children = []
-        if proc.poll() is None:
-            children = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=30)
-            _, alive = psutil.wait_procs(children, timeout=15)
-        except subprocess.TimeoutExpired:
-            rc, alive = None, children
-        finally:
-            try:  # never leave a server behind, whatever happened above
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            log.close()
+        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        rc, alive = stop_server(proc, children)
+        log.close()
     assert rc is not None, "serve.sh did not stop on SIGTERM within 30 s"
     assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), rc
     assert not alive, f"server processes left behind after SIGTERM: {alive}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A local MLflow tracking server for lawm runs: sqlite backend store, artifacts proxied by the server into a folder.
 #
+#   make mlflow-server                          # the same, from the repository root (PORT=5001 make mlflow-server)
 #   infra/mlflow/serve.sh                       # http://127.0.0.1:5000, data in ./runs/mlflow-server/
 #   PORT=5001 MLFLOW_DATA_DIR=/data/mlflow infra/mlflow/serve.sh
 #   HOST=10.0.0.5 ALLOWED_HOSTS='10.0.0.5:5000,mlflow.internal:5000' infra/mlflow/serve.sh   # for cluster nodes
@@ -57,4 +58,8 @@ if [[ -n "${ALLOWED_HOSTS:-}" ]]; then
 fi
 
 echo "mlflow server on http://$host:$port (store: $backend, artifacts: $artifacts)" >&2
+# MLflow 3.17's UI opens in its GenAI layout unless the link asks for the training one (jobs/tracking.py: ui_url).
+echo "runs: http://$host:$port/#/experiments?workflowType=machine_learning" >&2
+# The one line a user needs, on stdout: paste it into the shell that runs the pipeline.
+echo "export MLFLOW_TRACKING_URI=http://$host:$port"
 exec "$mlflow_bin" "${args[@]}" "$@"

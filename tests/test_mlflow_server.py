@@ -1,0 +1,255 @@
+"""MLflow: what lawm records for the UI (sqlite store), and a real tracking server that a pipeline logs through.
+
+Fast: `jobs.tracking` marks the experiment as model training (MLflow 3's UI then opens on the runs table) and gives
+every child run the tags and params that the compare view needs. Slow: `infra/mlflow/serve.sh` (what `make
+mlflow-server` runs) is started on a free loopback port, the `generate,ingest` stages run against it through the
+MLFLOW_TRACKING_URI it prints, the runs are read back over the REST API, and the server stops on SIGTERM.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import typing
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import stop_server
+
+from jobs import tracking
+from jobs.config import PipelineConfig
+from lawm.config import load
+from lawm.models.regularizers import RegConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
+SERVE = REPO / "infra" / "mlflow" / "serve.sh"
+# the small overrides of tests/test_pipeline.py
+SMALL = ["generate.synthetic.n_videos=4", "generate.synthetic.seconds=5", "generate.synthetic.size=[64,64]",
+         "generate.real_samples=false", "ingest.size=32", "ingest.min_shards=1"]
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """One sqlite store for the fast tests (each new store spends ~10 s creating its schema on these cores)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def sqlite_root(sqlite_store):
+    yield sqlite_store
+    while mlflow.active_run() is not None:  # a failed assertion inside a run must not leak it into other tests
+        mlflow.end_run("FAILED")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment opens on the runs table
+
+
+def test_experiment_is_marked_as_model_training(sqlite_root):
+    client = mlflow.MlflowClient(tracking.tracking_uri(sqlite_root))
+    tracking.setup(sqlite_root, "fresh")
+    assert client.get_experiment_by_name("fresh").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+    # made before lawm set the tag, and one switched to GenAI in the UI: both are set back on the next pipeline
+    old = client.create_experiment("old", artifact_location=(sqlite_root / "a").as_uri())
+    genai = client.create_experiment("genai", artifact_location=(sqlite_root / "b").as_uri(),
+                                     tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    for name, exp_id in (("old", old), ("genai", genai)):
+        tracking.setup(sqlite_root, name)
+        assert client.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+
+
+def test_the_tag_and_the_link_are_what_the_installed_ui_reads():
+    """Key, value and URL query come from MLflow's UI bundle, not its Python API: checked against the installed one."""
+    js = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    bundle = "".join(p.read_text(errors="ignore") for p in js.glob("*.js"))
+    assert f'key:"{tracking.EXPERIMENT_KIND_TAG}"' in bundle
+    assert f'CUSTOM_MODEL_DEVELOPMENT="{tracking.MODEL_TRAINING}"' in bundle
+    key, value = tracking.MODEL_TRAINING_VIEW.split("=")
+    assert f'get("{key}")' in bundle and f'MACHINE_LEARNING="{value}"' in bundle
+    assert tracking.ui_url("http://127.0.0.1:5000/", "7") == \
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert tracking.ui_url("http://h:1").endswith("/#/experiments?workflowType=machine_learning")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Child runs carry what the compare view compares
+
+
+def test_every_regulariser_has_a_capacity_knob_that_exists():
+    kinds = typing.get_args(typing.get_type_hints(RegConfig)["kind"])
+    assert set(tracking.CAPACITY_KNOB) == set(kinds)
+    for kind, knob in tracking.CAPACITY_KNOB.items():
+        assert knob is None or hasattr(RegConfig(), knob), f"{kind}: RegConfig has no field {knob}"
+
+
+def test_stage_fields_follow_the_stage_and_what_it_reads():
+    cfg = load(PipelineConfig, CONFIG, [])
+    tags, params = tracking.stage_fields(cfg, stage="train_wm", upstream=["encode"])
+    assert tags == {"lawm.pipeline": "demo"}
+    assert params["lawm.regulariser"] == "noisy" and params["lawm.capacity_knob"] == "beta"
+    assert float(params["lawm.capacity"]) == 1.0e-4  # demo.yaml's beta, not RegConfig's default
+    assert params["lawm.encoder"] == "patch:patch4@32" and params["lawm.seed"] == "0"
+    assert params["lawm.data"] == "generate" and Path(params["lawm.root"]).is_absolute()
+
+    # the controller is described by the latent action model it was trained on
+    _, ctrl = tracking.stage_fields(cfg, stage="train_controller", upstream=["encode", "train_wm"])
+    assert {k: ctrl[k] for k in ("lawm.regulariser", "lawm.capacity", "lawm.encoder")} == \
+           {k: params[k] for k in ("lawm.regulariser", "lawm.capacity", "lawm.encoder")}
+    # stages before the encoder have neither
+    _, ingest = tracking.stage_fields(cfg, stage="ingest", upstream=["generate"])
+    assert not {"lawm.encoder", "lawm.regulariser", "lawm.capacity"} & set(ingest)
+
+    for overrides, knob, value in ((["train_wm.model.reg.kind=sparse", "train_wm.model.reg.l1=0.03"], "l1", "0.03"),
+                                   (["train_wm.model.reg.kind=discrete", "train_wm.model.reg.codebook_size=16"],
+                                    "codebook_size", "16"),
+                                   (["train_wm.model.reg.kind=none"], "none", "none")):
+        other = load(PipelineConfig, CONFIG, [*overrides, "run.seed=3", "ingest.input=/data/clips"])
+        _, p = tracking.stage_fields(other, stage="train_wm", upstream=["encode"])
+        assert (p["lawm.capacity_knob"], p["lawm.capacity"], p["lawm.seed"]) == (knob, value, "3")
+        assert p["lawm.data"] == "/data/clips"
+
+
+def test_child_runs_in_a_sqlite_store_can_be_told_apart(sqlite_root):
+    """Two pipelines that differ in regulariser and seed: their train_wm runs are found and split by these fields."""
+    tracking.setup(sqlite_root, "compare")
+    for name, overrides in (("a", ["train_wm.model.reg.kind=sparse", "run.seed=1"]),
+                            ("b", ["train_wm.model.reg.kind=discrete", "run.seed=2"])):
+        cfg = load(PipelineConfig, CONFIG, [*overrides, f"run.name={name}", f"run.root={sqlite_root}"])
+        with tracking.start_parent(f"{name}-parent", {}):
+            tracking.start_stage("train_wm", {"steps": 5}, {})
+            logged = tracking.log_stage_fields(cfg, stage="train_wm", upstream=["encode"])
+            tracking.end_run()
+        assert logged["lawm.pipeline"] == name
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(sqlite_root))
+    exp = client.get_experiment_by_name("compare").experiment_id
+    children = client.search_runs([exp], "tags.`lawm.stage` = 'train_wm'")
+    assert len(children) == 2
+    sparse = client.search_runs([exp], "params.`lawm.regulariser` = 'sparse'")
+    assert len(sparse) == 1
+    run = sparse[0].data
+    assert run.tags["lawm.parent_run_name"] == "a-parent" and run.tags["lawm.pipeline"] == "a"
+    assert run.params["lawm.seed"] == "1" and run.params["lawm.capacity_knob"] == "l1"
+    assert run.params["steps"] == "5"  # the stage's own config is still there beside the fields
+    other = client.search_runs([exp], "params.`lawm.capacity_knob` = 'codebook_size'")
+    assert [r.data.params["lawm.seed"] for r in other] == ["2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real tracking server, as `make mlflow-server` starts it
+
+
+def test_make_target_runs_the_script_this_test_starts():
+    out = subprocess.run(["make", "-n", "mlflow-server"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "infra/mlflow/serve.sh" in out.stdout.splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def kv(items: list[dict]) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in items}
+
+
+@pytest.mark.slow
+def test_pipeline_logs_through_a_real_server(tmp_path, ray_local, monkeypatch):
+    import psutil
+
+    from jobs.full_pipeline import main
+
+    port = free_port()
+    data = tmp_path / "server"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PORT=str(port), MLFLOW_DATA_DIR=str(data))
+    env.pop("HOST", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    out, err = open(tmp_path / "stdout", "wb"), open(tmp_path / "stderr", "wb")
+    proc = subprocess.Popen(["bash", str(SERVE)], env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
+    children: list = []
+    try:
+        deadline = time.monotonic() + 90  # ~8 s alone; up to ~30 s with other tests on the 2 cores
+        while True:
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no /health:\n" + (tmp_path / "stderr").read_text()[-3000:]
+            time.sleep(0.5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+
+        # the URI the script tells the user to export is the one that works
+        exports = re.findall(r"^export MLFLOW_TRACKING_URI=(\S+)$", (tmp_path / "stdout").read_text(), re.M)
+        assert exports == [f"http://127.0.0.1:{port}"], exports
+        runs_link = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+        assert runs_link in (tmp_path / "stderr").read_text()
+        url = exports[0]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        root = tmp_path / "run"
+        assert main(["--config", str(CONFIG), "--stages", "generate,ingest", f"run.root={root}", *SMALL]) == 0
+        assert not (root / "mlflow.db").exists(), "the pipeline used a local store, not the server"
+
+        # read everything back through the REST API, as another tool would
+        q = urllib.parse.urlencode({"experiment_name": "lawm-demo"})
+        exp = rest(f"{url}/api/2.0/mlflow/experiments/get-by-name?{q}")["experiment"]
+        assert kv(exp["tags"])[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+        runs = rest(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                          "max_results": 100})["runs"]
+        parents = [r for r in runs if "mlflow.parentRunId" not in kv(r["data"]["tags"])]
+        children_runs = {kv(r["data"]["tags"])["lawm.stage"]: r for r in runs if r not in parents}
+        assert len(parents) == 1 and sorted(children_runs) == ["generate", "ingest"]
+        parent = parents[0]
+        assert parent["info"]["status"] == "FINISHED"
+        assert kv(parent["data"]["tags"])["lawm.stages"] == "generate,ingest"
+        for stage, run in children_runs.items():
+            tags = kv(run["data"]["tags"])
+            assert run["info"]["status"] == "FINISHED", stage
+            assert tags["mlflow.parentRunId"] == parent["info"]["run_id"]
+            assert tags["lawm.parent_run_name"] == parent["info"]["run_name"]
+            assert len(tags["lawm.config_hash"]) == 16 and tags["lawm.git_commit"]
+            assert kv(run["data"]["metrics"])["stage_seconds"] > 0
+        ingest = children_runs["ingest"]
+        assert kv(ingest["data"]["params"])["size"] == "32"
+        assert kv(ingest["data"]["metrics"])["clips"] > 0
+        q = urllib.parse.urlencode({"run_id": ingest["info"]["run_id"]})
+        files = {f["path"] for f in rest(f"{url}/api/2.0/mlflow/artifacts/list?{q}").get("files", [])}
+        assert {"config.yaml", "_stage.json"} <= files
+        # artifacts went through the server into its own folder (the ingest run's marker among them)
+        stored = [p for p in (data / "artifacts").rglob("_stage.json") if ingest["info"]["run_id"] in str(p)]
+        assert stored and json.loads(stored[0].read_text())["mlflow_run_id"] == ingest["info"]["run_id"]
+    finally:
+        rc, alive = stop_server(proc, children)  # serve.sh execs mlflow: SIGTERM reaches the server itself
+        out.close()
+        err.close()
+    assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), f"no clean stop on SIGTERM: {rc}"
+    assert not alive, f"server processes left behind: {alive}"
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
