@@ -1,11 +1,21 @@
 """One source video → clips, staged on disk. Runs inside a Ray Data task; never raises for bad input.
 
 A source ends in exactly one of `done/<sid>.json` (its clips, staged in `staging/<sid>.tar`) or
-`failed/<sid>.json` (stage reached, error class, message). Both are written atomically, and a source
-with either file is not decoded again: that is what makes a killed run resumable.
+`failed/<sid>.json` (stage reached, error, kind, message). Markers are written durably (temporary file, fsync,
+rename, fsync of the folder); the staged tar is fsynced and renamed into place before its `done` marker is
+written. A source with a `done` marker whose tar exists (or was packed) is not decoded again, nor one with a
+`permanent` failure; a `transient` failure (disk full, out of memory, timeout, a killed process) is retried. A
+marker that is empty or unreadable (a power cut) counts as absent: the source is redone. No temporary file
+survives a failure: the staging tar is removed when cutting fails, and `sweep_temporaries` removes what a
+killed process left.
+
+`attempts/<sid>.json` counts starts on a source within one run (`run_id`): a source whose worker died
+`CRASH_LIMIT` times in this run (killed, or crashed in-process) is recorded as `worker_died` instead of being
+started again, so Ray's task retries end and the run goes on.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -18,18 +28,83 @@ from pathlib import Path
 import numpy as np
 
 from lawm.data.video import VideoError, encode_clip, probe, stream_frames
-from pipelines.sources import Source, fingerprint, labels_sidecar, source_id, split_of
+from pipelines.sources import Source, check_split, fingerprint, labels_sidecar, source_id, split_of
+
+CRASH_LIMIT = 2  # worker deaths on one source in one run before it is recorded instead of started again
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash or a power cut leaves the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
+
+
+def read_marker(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, empty or unreadable (then the work is redone)."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def sweep_temporaries(folder: Path) -> None:
+    """Remove the `.NAME.tmp` files a killed writer left anywhere under `folder`."""
+    if folder.is_dir():
+        for tmp in folder.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def classify(err: BaseException) -> tuple[str, str, str]:
+    """(error, kind, message) of an exception: VideoError knows its kind; out of memory, any OSError (disk full,
+    quota, I/O error, permissions) and unexpected exceptions (a bug that a fix resolves) are transient."""
+    if isinstance(err, VideoError):
+        return err.reason, err.kind, err.message
+    if isinstance(err, MemoryError):
+        return "out_of_memory", "transient", str(err)[:500] or "MemoryError"
+    if isinstance(err, OSError) and err.errno is not None:
+        return errno.errorcode.get(err.errno, "OSError"), "transient", str(err)[:500]
+    return err.__class__.__name__, "transient", str(err)[:500]
+
+
+def resume_row(work: Path, sid: str, packed: frozenset[str] | set[str] = frozenset()) -> dict | None:
+    """The finished result of `sid` from an earlier attempt, or None when it must be (re)done."""
+    done = read_marker(work / "done" / f"{sid}.json")
+    if done and done.get("status") == "ok" and done.get("clips") and (
+            sid in packed or (work / "staging" / f"{sid}.tar").exists()):
+        return {**done, "resumed": True}
+    failed = read_marker(work / "failed" / f"{sid}.json")
+    if failed and failed.get("status") == "failed" and failed.get("kind") == "permanent":
+        return {**failed, "resumed": True}
+    return None
+
+
+def failure_row(src: Source, sid: str | None, stage: str, err: BaseException) -> dict:
+    error, kind, message = classify(err)
+    return {"sid": sid, "path": src.path, "status": "failed", "stage": stage, "error": error, "kind": kind,
+            "message": message or error}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -56,18 +131,49 @@ class _Labels:
         return buf.getvalue()
 
 
-def process_source(src: Source, cfg, work: Path) -> dict:
-    """Cut one source into clips. Returns a summary row; the clips themselves stay on disk."""
-    fp = fingerprint(src.path)
+def process_source(src: Source, cfg, work: Path, *, fp: str | None = None, run_id: str = "") -> dict:
+    """Cut one source into clips. Returns a summary row; the clips themselves stay on disk.
+
+    `fp` is the source's fingerprint when the caller has it; `run_id` names the current run for the crash count.
+    """
+    try:
+        check_split(src.split)
+        fp = fp or fingerprint(src.path)
+    except (VideoError, OSError) as err:
+        return failure_row(src, None, "list", err)
     sid = source_id(src, fp)
+    resumed = resume_row(work, sid)
+    if resumed:
+        return resumed
+    failed = work / "failed" / f"{sid}.json"
+    attempts = work / "attempts" / f"{sid}.json"
+    previous = read_marker(attempts) or {}
+    starts = previous.get("starts", 0) if previous.get("run") == run_id else 0
+    if starts >= CRASH_LIMIT:
+        row = failure_row(src, sid, "worker", VideoError(
+            "worker_died", f"the process working on this source died {starts} times in this run (killed, out of "
+                           "memory, or crashed); not started again in this run", stage="worker"))
+        _record(failed, row)
+        attempts.unlink(missing_ok=True)
+        return row
+    try:
+        atomic_write_json(attempts, {"run": run_id, "starts": starts + 1})
+    except OSError as err:  # the disk is full: nothing can be staged either
+        return failure_row(src, sid, "worker", err)
+    try:
+        row = _process(src, cfg, work, sid, fp)
+    finally:
+        attempts.unlink(missing_ok=True)  # reached only when this process lives on
+    return row
+
+
+def _process(src: Source, cfg, work: Path, sid: str, fp: str) -> dict:
     done, failed = work / "done" / f"{sid}.json", work / "failed" / f"{sid}.json"
-    for marker in (done, failed):
-        if marker.exists():
-            return {**json.loads(marker.read_text()), "resumed": True}
     t0 = time.perf_counter()
     stage = "probe"
     try:
-        info = probe(src.path)
+        size_mib = os.stat(src.path).st_size / 2**20
+        info = probe(src.path, timeout=cfg.probe_timeout_s)
         seg_start = max(src.start or 0.0, 0.0)
         seg_end = min(src.end if src.end is not None else info.duration, info.duration or float("inf"))
         if (seg_end - seg_start) * cfg.fps < cfg.clip_frames - 0.5:
@@ -77,35 +183,60 @@ def process_source(src: Source, cfg, work: Path) -> dict:
         sidecar = labels_sidecar(src.path)
         labels = _Labels(sidecar) if sidecar else None
         split = src.split or split_of(sid, cfg.val_fraction)
-        timeout = cfg.timeout_s + cfg.timeout_per_source_s * (seg_end - seg_start)
-        clips, frames_out = _cut(src, cfg, work, sid, fp, split, info, seg_start, seg_end, labels, timeout)
+        # bounded by the bytes on disk, never by the duration the file declares (a header can lie)
+        timeout = cfg.timeout_s + cfg.timeout_per_mib_s * size_mib
+        clips, frames_out = _cut(src, cfg, work, sid=sid, fp=fp, split=split, info=info, seg_start=seg_start,
+                                 labels=labels, timeout=timeout)
         if not clips:
             raise VideoError("too_short", f"decoded {frames_out} frames, fewer than one clip", stage="decode")
         row = {"sid": sid, "path": src.path, "status": "ok", "clips": clips, "frames_out": frames_out,
                "seconds_in": seg_end - seg_start, "seconds": time.perf_counter() - t0}
         atomic_write_json(done, row)
+        failed.unlink(missing_ok=True)  # a transient failure of an earlier run, now redone
         return row
-    except VideoError as err:
-        row = {"sid": sid, "path": src.path, "status": "failed", "stage": err.stage if stage == "probe" else stage,
-               "error": err.reason, "message": err.message}
-    except Exception as err:  # a bug or an exotic file: record it, never lose the run
-        row = {"sid": sid, "path": src.path, "status": "failed", "stage": stage,
-               "error": err.__class__.__name__, "message": str(err)[:500]}
-    atomic_write_json(failed, row)
+    except VideoError as err:  # a bad file, or a child process that died or hung: recorded
+        row = failure_row(src, sid, err.stage if stage == "probe" else stage, err)
+    except Exception as err:  # noqa: BLE001 - a full disk, no memory, a bug: recorded, never losing the run
+        row = failure_row(src, sid, stage, err)
+    _record(failed, row)
     return row
 
 
-def _cut(src: Source, cfg, work: Path, sid: str, fp: str, split: str, info, seg_start: float, seg_end: float,
+def _record(marker: Path, row: dict) -> None:
+    try:
+        atomic_write_json(marker, row)
+    except OSError:
+        pass  # the disk is full: the row still reaches failures.parquet, and no marker means a rerun retries
+
+
+def _cut(src: Source, cfg, work: Path, *, sid: str, fp: str, split: str, info, seg_start: float,
          labels: _Labels | None, timeout: float) -> tuple[list[dict], int]:
     staging = work / "staging" / f"{sid}.tar"
     staging.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging.with_name(f".{staging.name}.{os.getpid()}.tmp")
-    window: deque[np.ndarray] = deque(maxlen=cfg.clip_frames)
     clips: list[dict] = []
+    try:
+        with open(tmp, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w") as tar:
+                frames_seen = _stream_clips(src, cfg, tar, sid=sid, fp=fp, split=split, info=info,
+                                            seg_start=seg_start, labels=labels, timeout=timeout, clips=clips)
+            raw.flush()
+            os.fsync(raw.fileno())  # the `done` marker written next must never point at bytes still in a cache
+        os.replace(tmp, staging)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failure leaves no partial tar behind
+    fsync_dir(staging.parent)
+    return clips, frames_seen
+
+
+def _stream_clips(src: Source, cfg, tar: tarfile.TarFile, *, sid: str, fp: str, split: str, info,
+                  seg_start: float, labels: _Labels | None, timeout: float, clips: list[dict]) -> int:
+    """Decode, cut and encode; finished clips go into `tar` and `clips` in order. Returns the frames decoded."""
+    window: deque[np.ndarray] = deque(maxlen=cfg.clip_frames)
     pending: deque[tuple[dict, Future, bytes | None]] = deque()
     j = -1
 
-    def write_done(tar: tarfile.TarFile, keep: int) -> None:
+    def write_done(keep: int) -> None:
         """Write finished clips in order, leaving at most `keep` encodes in flight."""
         while pending and (len(pending) > keep or pending[0][1].done()):
             meta, future, label_bytes = pending.popleft()
@@ -117,9 +248,9 @@ def _cut(src: Source, cfg, work: Path, sid: str, fp: str, split: str, info, seg_
 
     # Clips are encoded on a helper thread (the encoder is a subprocess): the decoder keeps streaming meanwhile
     # instead of stalling on a full pipe while each clip's ffmpeg starts and runs.
-    with tarfile.open(tmp, "w") as tar, ThreadPoolExecutor(max_workers=1) as encoder:
-        frames = stream_frames(src.path, cfg.fps, cfg.size, src.start, src.end, timeout=timeout,
-                               threads=cfg.ffmpeg_threads)
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        frames = stream_frames(src.path, fps=cfg.fps, size=cfg.size, start=src.start, end=src.end, timeout=timeout,
+                               stall_timeout=cfg.stall_timeout_s, threads=cfg.ffmpeg_threads)
         made = 0
         for j, frame in enumerate(frames):
             window.append(frame)
@@ -134,13 +265,13 @@ def _cut(src: Source, cfg, work: Path, sid: str, fp: str, split: str, info, seg_
                     "fps": cfg.fps, "frames": cfg.clip_frames, "width": cfg.size, "height": cfg.size,
                     "split": split, "source_codec": info.codec, "source_rotation": info.rotation,
                     "has_labels": labels is not None, **{f"meta_{k}": v for k, v in src.meta.items()}}
-            future = encoder.submit(encode_clip, np.stack(window), cfg.fps, cfg.codec, cfg.crf, cfg.preset)
+            future = encoder.submit(encode_clip, np.stack(window), fps=cfg.fps, codec=cfg.codec, crf=cfg.crf,
+                                    preset=cfg.preset)
             pending.append((meta, future, labels.at(times) if labels is not None else None))
-            write_done(tar, keep=2)
+            write_done(keep=2)
             made += 1
             if cfg.max_clips_per_video and made >= cfg.max_clips_per_video:
                 frames.close()  # stops ffmpeg early
                 break
-        write_done(tar, keep=0)
-    os.replace(tmp, staging)
-    return clips, j + 1
+        write_done(keep=0)
+    return j + 1

@@ -1,16 +1,28 @@
-"""Stage `ingest`: videos → fixed-length clips → WebDataset shards, distributed with Ray Data.
+"""Stage `ingest`: videos → fixed-length clips → WebDataset shards, distributed with Ray.
 
     python -m pipelines.ingest --input PATH --output DIR [key=value ...]
 
-Output folder: shards/{train,val}-NNNNNN.tar, clips.parquet, failures.parquet, summary.json, and _work/
-(per-source markers that make a killed run resumable without duplicates).
+Output folder: shards/{train,val,test}-NNNNNN.tar, clips.parquet, failures.parquet, duplicates.parquet,
+summary.json, and _work/ (per-source markers that make a killed run resumable without duplicates).
+
+Contracts:
+- Every listed input ends in exactly one place: its clips (clips.parquet), a row of failures.parquet (with the
+  `kind` a rerun acts on: `transient` is retried, `permanent` is kept), or a row of duplicates.parquet naming the
+  byte-identical input whose clips it shares.
+- The output never overlaps an input (refused with a ConfigError before any work), and ingest deletes only files
+  it wrote: when the settings or the input change (`_work/settings.json` holds the hash of both, the input as
+  every listed path, segment, split, manifest columns and content fingerprint), ingest's own files are removed
+  and everything is redone; anything else in the folder stays.
+- Written in order: settings.json, then per source a staged tar and its marker, then shards (each renamed into
+  place once durable), then clips/failures/duplicates parquet files, then summary.json last.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -18,9 +30,16 @@ from typing import Optional
 import pandas as pd
 
 from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
-from pipelines.clipper import atomic_write_json, process_source
+from lawm.data.video import VideoError
+from pipelines.clipper import (atomic_write_json, failure_row, process_source, read_marker, resume_row,
+                               sweep_temporaries)
 from pipelines.shards import list_shards, pack, packed_sources
-from pipelines.sources import VIDEO_EXTENSIONS, Source, discover
+from pipelines.sources import VIDEO_EXTENSIONS, Source, check_split, discover, fingerprint, source_id
+
+# Settings that change how long ingest waits or where it runs, never what it writes: not part of the hash.
+_RUN_ONLY = ("input", "cpus_per_task", "timeout_s", "timeout_per_mib_s", "stall_timeout_s", "probe_timeout_s")
+FAILURE_COLUMNS = ["path", "sid", "stage", "error", "kind", "message"]
+DUPLICATE_COLUMNS = ["path", "start", "end", "sid", "duplicate_of"]
 
 
 @dataclass
@@ -39,8 +58,12 @@ class IngestConfig:
     max_clips_per_video: Optional[int] = None
     cpus_per_task: float = 1.0
     ffmpeg_threads: int = 1  # threads of one decode; parallelism comes from Ray tasks
-    timeout_s: float = 120.0  # an ffmpeg that runs longer than this + timeout_per_source_s x duration is killed
-    timeout_per_source_s: float = 2.0
+    # A decode is killed after timeout_s + timeout_per_mib_s x the file's size in MiB (the bytes on disk, not the
+    # duration the file declares), or as soon as no frame has come for stall_timeout_s.
+    timeout_s: float = 120.0
+    timeout_per_mib_s: float = 10.0
+    stall_timeout_s: float = 60.0
+    probe_timeout_s: float = 30.0  # the PyAV probe child is killed after this
     extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
 
     def validate(self) -> None:
@@ -53,12 +76,28 @@ class IngestConfig:
         require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         require(self.cpus_per_task > 0, "cpus_per_task", "must be positive")
         require(self.timeout_s > 0, "timeout_s", "must be positive")
+        require(self.timeout_per_mib_s >= 0, "timeout_per_mib_s", "must not be negative")
+        require(self.stall_timeout_s > 0, "stall_timeout_s", "must be positive")
+        require(self.probe_timeout_s > 0, "probe_timeout_s", "must be positive")
 
 
-def _ray_process(row: dict, cfg_dict: dict, work: str) -> dict:
+def _ray_process(row: dict, cfg_dict: dict, work: str, run_id: str) -> dict:
     cfg = from_dict(IngestConfig, cfg_dict)
     src = Source(**json.loads(row["source"]))
-    return {"result": json.dumps(process_source(src, cfg, Path(work)), default=str)}
+    return {"result": json.dumps(process_source(src, cfg, Path(work), fp=row["fp"], run_id=run_id), default=str)}
+
+
+def _inspect(items: list[dict]) -> list[dict]:
+    """Per listed source: {"fp": content fingerprint}, or a failure row (bad split, not a regular file, unreadable)."""
+    out = []
+    for item in items:
+        src = Source(**item)
+        try:
+            check_split(src.split)
+            out.append({"fp": fingerprint(src.path)})
+        except (VideoError, OSError) as err:
+            out.append(failure_row(src, None, "list", err))
+    return out
 
 
 class _Progress:
@@ -83,17 +122,30 @@ class _Progress:
         self.bar.close()
 
 
-def _run_sources(sources: list[Source], cfg: IngestConfig, work: Path, progress: bool) -> list[dict]:
+def _inspect_all(sources: list[Source], cfg: IngestConfig) -> list[dict]:
+    """Fingerprint every listed source with Ray tasks (at most 64, so reading is spread over the cluster)."""
     import ray
 
     from pipelines.ray_env import ensure_ray
 
     ensure_ray()
+    task = ray.remote(num_cpus=cfg.cpus_per_task)(_inspect)
+    per = math.ceil(len(sources) / 64)
+    chunks = [[s.to_dict() for s in sources[i:i + per]] for i in range(0, len(sources), per)]
+    return [r for part in ray.get([task.remote(c) for c in chunks]) for r in part]
+
+
+def _run_sources(todo: list[tuple[Source, str]], cfg: IngestConfig, work: Path, progress: bool) -> list[dict]:
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below says more
-    items = [{"source": json.dumps(s.to_dict(), default=str)} for s in sources]
+    items = [{"source": json.dumps(s.to_dict(), default=str), "fp": fp} for s, fp in todo]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map(_ray_process, fn_kwargs={"cfg_dict": to_dict(cfg), "work": str(work)}, num_cpus=cfg.cpus_per_task)
+    # Ray Data retries a task whose worker died, without limit; process_source ends that for a source that kills
+    # its worker (CRASH_LIMIT deaths in this run, counted under run_id) by recording it instead of starting it.
+    ds = ds.map(_ray_process, fn_kwargs={"cfg_dict": to_dict(cfg), "work": str(work), "run_id": uuid.uuid4().hex},
+                num_cpus=cfg.cpus_per_task)
     bar = _Progress(len(items)) if progress else None
     rows = []
     for out in ds.iter_rows():
@@ -106,54 +158,129 @@ def _run_sources(sources: list[Source], cfg: IngestConfig, work: Path, progress:
     return rows
 
 
-def _failures_table(rows: list[dict]) -> pd.DataFrame:
-    failed = [{k: r.get(k) for k in ("path", "sid", "stage", "error", "message")} for r in rows if r["status"] != "ok"]
-    return pd.DataFrame(failed, columns=["path", "sid", "stage", "error", "message"])
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _refuse_overlap(input_path: str, sources: list[Source], output: Path) -> None:
+    """ConfigError when the output is, contains or lies inside an input: ingest must never write into (or clear)
+    the videos it reads."""
+    out, inp = output.resolve(), Path(input_path).resolve()
+    if _inside(out, inp) or _inside(inp, out):
+        raise ConfigError(f"ingest: the output {output} overlaps the input {input_path}; pick an output folder "
+                          "outside the input")
+    for src in sources:
+        for p in (Path(src.path).absolute(), Path(src.path).resolve()):
+            if _inside(p, out):
+                raise ConfigError(f"ingest: the input {src.path} lies inside the output folder {output}; pick an "
+                                  "output folder that holds no input")
+
+
+# What ingest writes, folder → file patterns (shards: list_shards); nothing else in the output is ever deleted.
+_OWNED = {".": ("clips.parquet", "failures.parquet", "duplicates.parquet", "summary.json", ".*.tmp"),
+          "shards": (".*.tmp",), "_work": ("settings.json", ".*.tmp"), "_work/done": ("*.json", ".*.tmp"),
+          "_work/failed": ("*.json", ".*.tmp"), "_work/attempts": ("*.json", ".*.tmp"),
+          "_work/staging": ("*.tar", ".*.tmp")}
+
+
+def _clear_outputs(output: Path) -> None:
+    """Delete the files ingest wrote under `output` (made with other settings or from another input)."""
+    for sub, patterns in sorted(_OWNED.items(), key=lambda kv: -kv[0].count("/")):  # deepest folders first
+        folder = output / sub
+        if not folder.is_dir():
+            continue
+        owned = [p for pattern in patterns for p in folder.glob(pattern)]
+        for path in owned + (list_shards(folder) if sub == "shards" else []):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        if sub != "." and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _input_identity(sources: list[Source], inspected: list[dict]) -> list:
+    """What the input is, for the reuse decision: each listing with its content (or why it has none)."""
+    return [[s.path, s.start, s.end, s.split, s.meta, r.get("fp") or r.get("error")]
+            for s, r in zip(sources, inspected)]
 
 
 def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> dict:
     """Run ingest over `cfg.input` into `output`. Returns the summary (also written to summary.json).
 
-    Raises ConfigError for an unusable input and RuntimeError when not a single input gave a clip.
+    Raises ConfigError for an unusable input or an output that overlaps it, and RuntimeError when not a single
+    input gave a clip.
     """
     output = Path(output)
     sources = discover(cfg.input, tuple(cfg.extensions))
     if not sources:
         raise ConfigError(f"ingest.input: no video files found in {cfg.input}")
+    _refuse_overlap(cfg.input, sources, output)
+    t0 = time.perf_counter()
+    inspected = _inspect_all(sources, cfg)
+
     work = output / "_work"
     settings = work / "settings.json"
-    digest = config_hash({k: v for k, v in to_dict(cfg).items() if k not in ("input", "cpus_per_task")})
-    if settings.exists() and json.loads(settings.read_text()).get("hash") != digest:
-        shutil.rmtree(output)  # clips cut with other settings must not mix with these
-    atomic_write_json(settings, {"hash": digest, "config": to_dict(cfg)})
-    t0 = time.perf_counter()
-    rows = _run_sources(sources, cfg, work, progress)
+    digest = config_hash({k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY},
+                         _input_identity(sources, inspected))
+    old = read_marker(settings)
+    if old is None or old.get("hash") != digest:
+        _clear_outputs(output)  # clips cut with other settings or from another input must not mix with these
+    atomic_write_json(settings, {"hash": digest, "config": to_dict(cfg), "inputs": len(sources)})
+    sweep_temporaries(work)  # what workers of a killed run were writing
+
+    # One source per distinct content (and segment): the first listing of it; later ones are duplicates.
+    rows = [r for r in inspected if "fp" not in r]
+    canonical: dict[str, Source] = {}
+    duplicates = []
+    for src, r in zip(sources, inspected):
+        if "fp" not in r:
+            continue
+        sid = source_id(src, r["fp"])
+        if sid in canonical:
+            duplicates.append({"path": src.path, "start": src.start, "end": src.end, "sid": sid,
+                               "duplicate_of": canonical[sid].path})
+        else:
+            canonical[sid] = src
+    shard_dir = output / "shards"
+    packed = packed_sources(shard_dir) if shard_dir.is_dir() else {}
+    todo = []
+    for src, r in zip(sources, inspected):
+        if "fp" in r and canonical.get(source_id(src, r["fp"])) is src:
+            done = resume_row(work, source_id(src, r["fp"]), set(packed))
+            if done:
+                rows.append(done)
+            else:
+                todo.append((src, r["fp"]))
+    rows += _run_sources(todo, cfg, work, progress) if todo else []
+    sweep_temporaries(work)  # what a worker that died in this run was writing
     wall = time.perf_counter() - t0
 
     ok = {r["sid"]: r for r in rows if r["status"] == "ok"}
-    shard_dir = output / "shards"
-    packed = packed_sources(shard_dir)
-    pending = [(r["clips"][0]["split"], sid, work / "staging" / f"{sid}.tar") for sid, r in ok.items() if sid not in packed]
-    packed.update(pack(pending, shard_dir, int(cfg.shard_mb * 2**20), cfg.min_shards))
-    for _, sid, staged in pending:
-        staged.unlink(missing_ok=True)  # its clips now live in a shard
+    pending = [(r["clips"][0]["split"], sid, work / "staging" / f"{sid}.tar")
+               for sid, r in ok.items() if sid not in packed]
+    packed.update(pack(pending, shard_dir, target_bytes=int(cfg.shard_mb * 2**20), min_shards=cfg.min_shards))
+    for sid in ok:
+        (work / "staging" / f"{sid}.tar").unlink(missing_ok=True)  # its clips live in a shard (maybe already did)
 
     clip_rows = [{**c, "shard": packed.get(sid)} for sid, r in ok.items() for c in r["clips"]]
     clips = pd.DataFrame(clip_rows).sort_values("key") if clip_rows else pd.DataFrame(columns=["key", "shard", "split"])
-    failures = _failures_table(rows)
+    failures = pd.DataFrame([{k: r.get(k) for k in FAILURE_COLUMNS} for r in rows if r["status"] != "ok"],
+                            columns=FAILURE_COLUMNS)
+    dup_table = pd.DataFrame(duplicates, columns=DUPLICATE_COLUMNS)
     clips.to_parquet(output / "clips.parquet", index=False)
     failures.to_parquet(output / "failures.parquet", index=False)
+    dup_table.to_parquet(output / "duplicates.parquet", index=False)
     seconds_in = sum(r["seconds_in"] for r in ok.values())
     frames_out = sum(r["frames_out"] for r in ok.values())
     summary = {
         "inputs": len(sources), "sources_ok": len(ok), "sources_failed": len(failures),
         "resumed": sum(bool(r.get("resumed")) for r in rows), "clips": len(clips),
-        "duplicate_inputs": len(rows) - len({r["sid"] for r in rows}),  # same content (and segment) listed twice
+        "duplicate_inputs": len(dup_table),  # byte-identical to an earlier listing: see duplicates.parquet
         "clips_per_split": clips["split"].value_counts().to_dict() if len(clips) else {},
-        "shards": [p.name for p in list_shards(shard_dir)],
+        "shards": [p.name for p in list_shards(shard_dir)] if shard_dir.is_dir() else [],
         "hours_in": seconds_in / 3600, "hours_out": len(clips) * cfg.clip_frames / cfg.fps / 3600,
         "wall_seconds": wall, "frames_out_per_s": frames_out / wall if wall else 0.0,
         "failures_by_error": failures["error"].value_counts().to_dict() if len(failures) else {},
+        "failures_by_kind": failures["kind"].value_counts().to_dict() if len(failures) else {},
     }
     atomic_write_json(output / "summary.json", summary)
     if not ok:

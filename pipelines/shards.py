@@ -1,7 +1,8 @@
 """Pack staged per-video tars into WebDataset shards of a target size.
 
 Shards are immutable once renamed into place; the set of keys inside existing shards is the record of
-what is packed, so a run killed at any point repacks nothing twice and loses nothing.
+what is packed, so a run killed at any point repacks nothing twice and loses nothing. A shard is fsynced before
+its rename and the folder after it: the staged tars it replaces are deleted only once it is durable.
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ _SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
 
 
 def shard_keys(path: Path) -> list[str]:
-    """Clip keys in a shard, read from tar headers only (no clip data is touched)."""
+    """Clip keys in a shard, read from tar headers only (no clip data is touched). Raises tarfile.ReadError for a
+    tar cut short, even at a member boundary: a finished one ends in two zero blocks."""
     keys = []
     with tarfile.open(path, "r") as tar:
         for member in tar:
             key = member.name.split(".", 1)[0]
             if not keys or keys[-1] != key:
                 keys.append(key)
+        end = tar.offset  # where the end-of-archive blocks begin
+    if path.stat().st_size < end + 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"{path.name} has no end-of-archive blocks: cut short")
     return keys
 
 
@@ -30,22 +35,38 @@ def list_shards(shard_dir: Path, split: str | None = None) -> list[Path]:
 
 
 def packed_sources(shard_dir: Path) -> dict[str, str]:
-    """sid → shard file name, for every source already inside a finished shard."""
+    """sid → shard file name, for every source already inside a finished shard. A shard that does not read to
+    its end (cut short by a disk failure) is deleted: its sources count as not packed, so they are redone."""
     mapping = {}
     for shard in list_shards(shard_dir):
-        for key in shard_keys(shard):
-            mapping[key.rsplit("_", 1)[0]] = shard.name
+        try:
+            keys = shard_keys(shard)
+        except tarfile.ReadError:
+            shard.unlink()
+            continue
+        mapping.update({key.rsplit("_", 1)[0]: shard.name for key in keys})
     return mapping
 
 
 def _write_shard(path: Path, staged: list[Path]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w") as out:
-        for stage_tar in staged:
-            with tarfile.open(stage_tar, "r") as src:
-                for member in src:
-                    out.addfile(member, src.extractfile(member))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w") as out:
+                for stage_tar in staged:
+                    with tarfile.open(stage_tar, "r") as src:
+                        for member in src:
+                            out.addfile(member, src.extractfile(member))
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pack(pending: list[tuple[str, str, Path]], shard_dir: Path, target_bytes: int, min_shards: int = 1) -> dict[str, str]:
