@@ -46,6 +46,7 @@ class Stage:
     external: Callable[[Any], Any] = lambda section: None  # identity of inputs from outside the pipeline
     resumable: bool = False
     section: str = ""  # config section; the stage name when empty
+    reads: Callable[[Any], list[str]] = lambda section: []  # paths outside the pipeline that the stage reads
 
 
 @dataclass
@@ -65,6 +66,13 @@ def check_inputs(cfg: Any, stages: list[Stage], selected: list[str]) -> None:
     """Fail before any work when a selected stage needs one that is neither selected nor done."""
     root = Path(cfg.run.root).absolute()
     for stage in (s for s in stages if s.name in selected):
+        # a rerun deletes the stage's folder first: it must never hold what the stage reads
+        out_dir = (root / stage.name).resolve()
+        for path in stage.reads(getattr(cfg, stage.section or stage.name)):
+            where = Path(path).absolute().resolve()
+            if where == out_dir or out_dir in where.parents:
+                raise ConfigError(f"{stage.section or stage.name}.input: {path} is inside {out_dir}, which the stage "
+                                  "replaces when it reruns; move the input elsewhere")
         for name in stage.inputs(cfg):
             if name not in selected and marker(root, name) is None:
                 raise ConfigError(f"stages: `{stage.name}` needs `{name}` first: run it (or include it in --stages)")

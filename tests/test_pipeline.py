@@ -139,3 +139,14 @@ def test_relative_root_is_refused_under_a_ray_job(tmp_path, monkeypatch, capsys)
     assert "run.root" in err and "absolute" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "runs").exists()
     assert main(["--config", str(CONFIG), "--print-config", f"run.root={tmp_path / 'abs'}"]) == 0
+
+
+def test_an_input_inside_the_stage_folder_is_refused_before_anything_is_deleted(tmp_path, capsys):
+    # the runner replaces <root>/ingest on a rerun: videos kept there would be deleted with it
+    videos = tmp_path / "run" / "ingest" / "my_videos"
+    videos.mkdir(parents=True)
+    (videos / "keep.mp4").write_bytes(b"not really a video, but the user's file")
+    assert main(["--config", str(CONFIG), "--stages", "ingest", f"run.root={tmp_path / 'run'}",
+                 f"ingest.input={videos}"]) == 2
+    assert "ingest.input" in capsys.readouterr().err
+    assert (videos / "keep.mp4").read_bytes().startswith(b"not really")
