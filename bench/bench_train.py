@@ -1,7 +1,9 @@
 """Training figures: Ray Train step throughput ÷ a bare PyTorch loop of the same model and data, in this process,
-on the same cores; and the share of step time spent waiting for data.
+on the same cores; the share of step time spent waiting for data; and the step-time overhead of the loop's
+non-finite guard (the guarded loop ÷ the loop as it was before the guard, interleaved in this process).
 
-    python bench/bench_train.py
+    python bench/bench_train.py                # all figures (the Ray one builds cached features first)
+    python bench/bench_train.py --guard-only [--quick] [--threads 1]  # just the guard's overhead, in-memory data
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import json
 import statistics
 import sys
 import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ from lawm.models.lam import lam_preset  # noqa: E402
 from lawm.training.loop import Trainer, TrainConfig  # noqa: E402
 from lawm.training.optim import OptimConfig  # noqa: E402
 
-from jobs.train import ScalingSection, TrainJob, _loader, fit  # noqa: E402
+from jobs.ray_train import ScalingSection, TrainJob, _loader, fit  # noqa: E402
 from jobs.train_stages import build_lam  # noqa: E402
 
 CACHE = ROOT / "bench" / "results" / "cache" / "train-features"
@@ -48,6 +52,91 @@ def feature_shards() -> dict:
 
 def _steady(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 2 else values)
+
+
+class PreGuardTrainer(Trainer):
+    """The baseline: Trainer.fit exactly as it was before the non-finite guard (clip with its own norm, one float()
+    sync, always step; no finiteness checks, no weight check before a checkpoint)."""
+
+    def fit(self, make_batches, on_log=lambda m, s: None, on_checkpoint=lambda st, s, m: None) -> dict:
+        cfg, accum = self.cfg, self.cfg.optim.grad_accum
+        batches = make_batches(self.batches_seen)
+        sums: dict[str, float] = defaultdict(float)
+        wait = busy = 0.0
+        samples = 0
+        last: dict = {}
+        self.module.train()
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            for opt in self.opts:
+                opt.zero_grad(set_to_none=True)
+            for _ in range(accum):
+                tw = time.perf_counter()
+                batch = next(batches)
+                self.batches_seen += 1
+                wait += time.perf_counter() - tw
+                with self.autocast():
+                    loss, stats = self.module(batch, self.step / cfg.steps)
+                (loss / accum).backward()
+                samples += cfg.batch_size
+                for k, v in stats.items():
+                    sums[k] += float(v) / accum
+            if cfg.optim.grad_clip > 0:
+                sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(),
+                                                                          cfg.optim.grad_clip))
+            for opt, sched in zip(self.opts, self.scheds):
+                opt.step()
+                sched.step()
+            self.step += 1
+            busy += time.perf_counter() - t0
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                last = {k: v / n for k, v in sums.items()}
+                last.update(samples_per_s=samples / busy, data_wait_share=wait / busy)
+                on_log(last, self.step)
+                sums.clear()
+                wait = busy = 0.0
+                samples = 0
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                on_checkpoint(self.state_dict(), self.step, last)
+        return last
+
+
+def guard_overhead(rounds: int = 12, steps: int = 20, batch: int = 16, threads: int = CPUS) -> dict:
+    """Step time of the guarded loop ÷ the pre-guard loop: the tiny preset (noisy regulariser, the demo's 8x8 grid
+    of 48-d patch features, 4-step windows as train_wm uses) on the same in-memory batches, fresh trainers with
+    the same seed, alternating which goes first; each fit of `steps` steps logs once and checkpoints once (a
+    real run checkpoints every 500 steps, so the guard's weight check weighs more here than it does there).
+    On a machine shared with other jobs use threads=1: oversubscribed OpenMP threads made a 2-thread run >30x
+    slower and far noisier (measured 2026-11-27, load average ~40 on 2 cores)."""
+    torch.set_num_threads(threads)
+    lam = lam_preset("tiny", feat_dim=48, grid_h=8, grid_w=8)
+    cfg = TrainConfig(steps=steps, batch_size=batch, log_every=steps, ckpt_every=steps, optim=OptimConfig(lr=1e-3))
+    g = torch.Generator().manual_seed(0)
+    data = [{"feats": torch.randn(batch, 8, 64, 48, generator=g)} for _ in range(steps)]
+
+    def timed(cls) -> tuple[float, float]:
+        """(wall, CPU) seconds per step; CPU time (all threads of this process) is what a busy machine distorts least."""
+        torch.manual_seed(0)
+        trainer = cls(build_lam(lam, 4), cfg)
+        t0, c0 = time.perf_counter(), time.process_time()
+        trainer.fit(lambda n: iter(data[n:]))
+        return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+
+    timed(Trainer), timed(PreGuardTrainer)  # warm-up: allocator, thread pools
+    runs: dict[type, list[tuple[float, float]]] = {Trainer: [], PreGuardTrainer: []}
+    for r in range(rounds):
+        for cls in ((Trainer, PreGuardTrainer) if r % 2 == 0 else (PreGuardTrainer, Trainer)):
+            runs[cls].append(timed(cls))
+    wall = [g[0] / b[0] for g, b in zip(runs[Trainer], runs[PreGuardTrainer])]
+    cpu = [g[1] / b[1] for g, b in zip(runs[Trainer], runs[PreGuardTrainer])]
+    result = {"guard_step_ratio_wall": statistics.median(wall), "guard_step_ratio_cpu": statistics.median(cpu),
+              "guard_goal": 1.02, "guard_ratio_wall_min_max": [min(wall), max(wall)],
+              "guard_step_ms": 1e3 * statistics.median(w for w, _ in runs[Trainer]),
+              "pre_guard_step_ms": 1e3 * statistics.median(w for w, _ in runs[PreGuardTrainer]), "guard_rounds": rounds,
+              "guard_setting": f"tiny preset, CPU {threads} threads, batch {batch}, window 4, {steps} steps per fit"}
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def main(steps: int = 120) -> dict:
@@ -78,8 +167,13 @@ def main(steps: int = 120) -> dict:
               "data_wait_share_ray": _steady([m["data_wait_share"] for m in ray_logs]),
               "data_wait_share_bare": _steady([m["data_wait_share"] for m in bare_logs]), "stall_goal": 0.05}
     print(json.dumps(result, indent=1))
-    return result
+    return {**result, **guard_overhead()}
 
 
 if __name__ == "__main__":
-    main()
+    if "--guard-only" in sys.argv[1:]:  # [--quick] [--threads N]
+        args = sys.argv[1:]
+        guard_overhead(**({"rounds": 6, "steps": 10} if "--quick" in args else {}),
+                       threads=int(args[args.index("--threads") + 1]) if "--threads" in args else CPUS)
+    else:
+        main()

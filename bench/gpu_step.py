@@ -29,13 +29,13 @@ def step_flops(model: LatentActionWorldModel, b: int, t: int, n: int) -> float:
     pairs, frames = b * (t - 1), t - 1
     # IDM: every linear sees 2n tokens per pair (the head sees one pooled vector: negligible)
     f = 6 * matmul_params(idm.body) * pairs * 2 * n + 6 * idm.inp.weight.numel() * pairs * 2 * n
-    f += 12 * idm.cfg.width * idm.cfg.depth * pairs * (2 * n) ** 2
+    f += 12 * idm.cfg.resolved().width * idm.cfg.resolved().depth * pairs * (2 * n) ** 2
     # world model: in/out/blocks per token; AdaLN modulation once per frame (frame-wise conditioning)
     ada = sum(blk.ada[1].weight.numel() for blk in wm.body.blocks) + wm.final_ada[1].weight.numel()
     per_token = matmul_params(wm.body) - ada + wm.inp.weight.numel() + wm.out.weight.numel()
     f += 6 * per_token * b * frames * n + 6 * ada * b * frames
     pairs_attended = n * n * frames * (frames + 1) / 2  # block-causal: frame i sees frames 0..i
-    f += 12 * wm.cfg.width * wm.cfg.depth * b * pairs_attended
+    f += 12 * wm.cfg.resolved().width * wm.cfg.resolved().depth * b * pairs_attended
     return float(f)
 
 
@@ -62,7 +62,7 @@ def main() -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     torch.manual_seed(0)
-    cfg = lam_preset(size, feat_dim=feat, grid_h=args.grid, grid_w=args.grid, reg=RegConfig(kind="noisy"), bf16=True)
+    cfg = lam_preset(size, feat_dim=feat, grid_h=args.grid, grid_w=args.grid, reg=RegConfig(kind="noisy"))
     model = LatentActionWorldModel(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=6.25e-4, weight_decay=0.04, fused=device.type == "cuda")
     if args.compile:  # in place, per sub-model: the stats' .item() calls in LAM.forward would break one big graph
@@ -71,7 +71,8 @@ def main() -> dict:
     s = torch.randn(args.batch, args.frames, args.grid * args.grid, feat, device=device)
 
     def step():
-        loss = model(s, progress=0.5)["loss"]
+        with torch.autocast(device.type, torch.bfloat16):  # as the training loop does with TrainConfig.bf16
+            loss = model(s, progress=0.5)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,7 @@ CURVES = ("loss", "pred_loss", "reg_loss", "mlp_l2", "cross_attention_l2", "pixe
 
 
 def plot_progress(jsonl: Path, png: Path, title: str = "") -> Path:
-    """Curves of the metrics logged in a progress.jsonl (see jobs/train.py), one panel per metric."""
+    """Curves of the metrics logged in a progress.jsonl (see jobs/ray_train.py), one panel per metric."""
     rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
     logs = [r for r in rows if r.get("event") == "log"]
     keys = [k for k in CURVES if any(k in r for r in logs)]

@@ -1,4 +1,4 @@
-"""Training stages: train_wm, train_decoder, train_controller, train_wm_action — each a Ray Train fit (jobs/train.py)
+"""Training stages: train_wm, train_decoder, train_controller, train_wm_action — each a Ray Train fit (jobs/ray_train.py)
 of a lawm objective, reading only its declared upstream outputs (feature shards, model checkpoints)."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from lawm.training.objectives import ActionWMObjective, ControllerObjective, Dec
 
 from jobs.plots import plot_progress
 from jobs.runner import StageContext
-from jobs.train import ScalingSection, TrainJob, fit
+from jobs.ray_train import ScalingSection, TrainJob, fit
 
 DOMAINS = ("nav", "manip")
 

@@ -65,3 +65,21 @@ def test_rejects_foreign_files(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a lawm"):
         load_model(tmp_path / "x.pt")
+
+
+def test_preset_configs_round_trip_as_size_plus_overrides(tmp_path):
+    """A checkpoint stores the size and only the overrides; loading resolves the same shape (strict load)."""
+    import dataclasses
+
+    cfg = LAMConfig(feat_dim=D, grid_h=G, grid_w=G, latent_dim=6, wm=WorldModelConfig(size="tiny", depth=1),
+                    idm=IDMConfig(size="tiny", depth=1))
+    m = perturb(LatentActionWorldModel(cfg))
+    payload = torch.load(save_model(tmp_path / "m.pt", m), weights_only=True)
+    assert payload["config"]["wm"]["size"] == "tiny" and payload["config"]["wm"]["width"] is None
+    assert payload["config"]["wm"]["depth"] == 1
+    back = load_model(tmp_path / "m.pt").eval()
+    assert back.cfg == cfg and len(back.wm.body.blocks) == 1 and back.wm.inp.out_features == 64
+    s, z = torch.randn(2, 3, G * G, D), torch.randn(2, 3, 6)
+    assert torch.equal(back.predict(s, z), m.predict(s, z))
+    # the loaded config is still a request: changing its size gives that preset's shape, the override kept
+    assert dataclasses.replace(back.cfg.wm, size="S").resolved().width == 384

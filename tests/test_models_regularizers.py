@@ -99,3 +99,52 @@ def test_none_and_lam_reg_stats():
     out, loss, stats = reg(z)
     assert torch.equal(out, z) and loss.item() == 0
     assert stats["z_norm"] == pytest.approx(z.norm(dim=-1).mean().item())
+
+
+
+class _HeadVQ(torch.nn.Module):
+    """A linear IDM head and a VQ: the part of the latent action model the codebook lives in."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 2)
+        self.vq = build_regularizer(RegConfig(kind="discrete", codebook_size=16, reset_every=96), 2)
+
+    def forward(self, x):
+        z, loss, stats = self.vq(self.head(x))
+        return loss + z.pow(2).mean(), stats
+
+
+def _vq_ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One of two real processes (gloo, DDP), each training on its own data, as a Ray Train worker does."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # different random draws on each rank (the trainer seeds seed + rank)
+        model = _HeadVQ().train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's initial weights
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(rank)
+        resets = []
+        for _ in range(12):  # 64 latents a step over both ranks: a reset every second step
+            loss, stats = ddp(torch.randn(32, 4, generator=gen) + 3.0 * rank)  # the ranks' data differ
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            resets.append(stats["codes_reset"])
+        torch.save({"codebook": model.vq.codebook.detach().clone(), "usage": model.vq.usage.clone(),
+                    "seen": model.vq.seen.clone(), "resets": resets}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vq_codebook_identical_on_all_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_vq_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert sum(r0["resets"]) > 0, "the run must include a dead-code reset"
+    assert r0["resets"] == r1["resets"]  # the same codes found dead at the same steps
+    assert torch.equal(r0["codebook"], r1["codebook"])  # bitwise
+    assert torch.equal(r0["usage"], r1["usage"]) and torch.equal(r0["seen"], r1["seen"])

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from lawm.config import from_dict
 from lawm.data.clips import shard_urls
@@ -20,7 +25,7 @@ from lawm_datasets.synthetic import SyntheticConfig, generate
 from pipelines.encode import EncodeConfig, run_encode
 from pipelines.ingest import IngestConfig, run_ingest
 
-from jobs.train import ScalingSection, TrainJob, fit
+from jobs.ray_train import ScalingSection, TrainJob, _decode_fn, fit, validation_batches, validation_sample
 from jobs.train_stages import build_lam
 
 
@@ -86,3 +91,96 @@ def test_same_run_name_continues(features, tmp_path):
     fit(_job(features, tmp_path, steps=12, workers=1, ckpt_every=4), "again")
     starts = [e["step"] for e in _events(tmp_path) if e["event"] == "start"]
     assert starts == [0, 8]
+
+
+class RngProbe(torch.nn.Module):
+    """An objective that records, each step, one draw from each global random stream (torch, numpy, python) of
+    its rank: what a resumed rank must continue exactly as if it had never stopped."""
+
+    def __init__(self, out_dir: str, steps: int):
+        super().__init__()
+        self.w, self.out_dir, self.steps = torch.nn.Parameter(torch.zeros(1)), out_dir, steps
+
+    def forward(self, batch: dict, progress: float = 1.0):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        draws = {"step": round(progress * self.steps), "torch": torch.rand(()).item(), "numpy": np.random.rand(),
+                 "python": random.random()}
+        with open(Path(self.out_dir) / f"draws-rank{rank}.jsonl", "a") as fh:
+            fh.write(json.dumps(draws) + "\n")
+        return (self.w - draws["torch"]).pow(2).sum(), {}
+
+    def exports(self) -> dict:
+        return {}
+
+
+def build_probe(out_dir: str, steps: int) -> RngProbe:
+    return RngProbe(out_dir, steps)
+
+
+def _probe_job(features: dict, out: Path, steps: int) -> TrainJob:
+    train = TrainConfig(steps=steps, batch_size=2, log_every=2, ckpt_every=4, loader_workers=0, shuffle=4,
+                        optim=OptimConfig(lr=1e-2, warmup_frac=0.0))
+    out.mkdir(parents=True, exist_ok=True)
+    return TrainJob("probe", build_probe, {"out_dir": str(out), "steps": steps}, train, ScalingSection(num_workers=2),
+                    shard_urls(features["features"], "train"), [], "features", str(out), seed=5)
+
+
+def _draws(out: Path, rank: int) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (out / f"draws-rank{rank}.jsonl").read_text().splitlines()]
+    return {r.pop("step"): r for r in rows}  # a resumed run overwrites nothing: steps after the checkpoint
+
+
+def test_resumed_ranks_continue_their_own_random_streams(features, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(_probe_job(features, straight, steps=8), "probe")
+    fit(_probe_job(features, resumed, steps=4), "probe")  # stops with a checkpoint at step 4 ...
+    first = {r: _draws(resumed, r) for r in (0, 1)}
+    for r in (0, 1):
+        (resumed / f"draws-rank{r}.jsonl").unlink()
+    fit(_probe_job(features, resumed, steps=8), "probe")  # ... and the same run name continues from it
+    starts = [e["step"] for e in _events(resumed) if e["event"] == "start"]
+    assert starts == [0, 4]
+    for r in (0, 1):
+        want, got = _draws(straight, r), _draws(resumed, r)
+        assert sorted(got) == [4, 5, 6, 7]
+        assert {s: want[s] for s in got} == got, f"rank {r} after resuming is not on its uninterrupted stream"
+        assert {s: want[s] for s in first[r]} == first[r]
+    for s in range(8):
+        a, b = _draws(straight, 0)[s], _draws(straight, 1)[s]
+        assert all(a[k] != b[k] for k in a), "the ranks must draw different random numbers"
+
+
+def test_validation_sample_spreads_over_videos_and_is_fixed(features):
+    urls = shard_urls(features["features"], "train")
+    keys = {u: [k for k in _keys(u)] for u in urls}
+    total = sum(len(v) for v in keys.values())
+    videos = Counter(k.rsplit("_", 1)[0] for ks in keys.values() for k in ks)
+    assert len(urls) >= 2 and len(videos) >= 3
+    clips = total // 3
+    sample = validation_sample(urls, clips, seed=0)
+    assert sample == validation_sample(list(reversed(urls)), clips, seed=0)  # fixed
+    assert sample != validation_sample(urls, clips, seed=1)  # seeded
+    assert len(sample) == len(set(sample)) == clips
+    assert len({u for u, _ in sample}) >= 2, "the sample must not come from the first shard only"
+    picked = Counter(k.rsplit("_", 1)[0] for _, k in sample)
+    for video, count in videos.items():  # in proportion to each video's clips
+        assert abs(picked[video] - count * clips / total) <= 1, (video, picked[video], count)
+    assert all(k in keys[u] for u, k in sample)
+    # fewer clips than asked: all of them; batches of nearly equal size, decoded
+    everything = validation_sample(urls, total + 5, seed=0)
+    assert sorted(k for _, k in everything) == sorted(k for ks in keys.values() for k in ks)
+    batches = list(validation_batches(urls, decode=_decode_fn("features"), clips=clips, batch_size=4, seed=0))
+    sizes = [len(b["key"]) for b in batches]
+    assert sum(sizes) == clips and max(sizes) <= 4 and max(sizes) - min(sizes) <= 1
+    assert [k for b in batches for k in b["key"]] == [k for _, k in sample]
+    assert batches[0]["feats"].shape[1:] == (features["frames"], features["grid_h"] * features["grid_w"], features["dim"])
+
+
+def _keys(url: str) -> list[str]:
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        return sorted({m.name.split(".", 1)[0] for m in tar if m.isfile()})

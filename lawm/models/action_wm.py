@@ -23,7 +23,6 @@ class ActionWMConfig:
     grid_w: int = 8
     action_dim: int = 7
     wm: WorldModelConfig = field(default_factory=WorldModelConfig)
-    bf16: bool = True
 
     def validate(self) -> None:
         require(self.action_dim > 0, "action_dim", "must be positive")
@@ -39,8 +38,7 @@ class ActionWorldModel(nn.Module):
         self.wm = WorldModel(cfg.wm, cfg.feat_dim, (cfg.grid_h, cfg.grid_w), cfg.action_dim)
 
     def predict(self, s: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.is_cuda and self.cfg.bf16):
-            return self.wm(s, actions).float()
+        return self.wm(s, actions).float()  # precision: the caller's autocast (the training loop's one switch)
 
     def forward(self, s: torch.Tensor, actions: torch.Tensor, progress: float = 1.0) -> dict:
         """s (B, T, N, D), actions (B, T-1, A) with a_t taking s_t to s_t+1."""

@@ -6,7 +6,7 @@ all tokens into one vector per transition (the paper's latent); `per_token` emit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
@@ -21,6 +21,8 @@ PRESETS: dict[str, tuple[int, int, int]] = {"tiny": (64, 2, 4), "S": (384, 4, 6)
 
 @dataclass
 class IDMConfig:
+    """Shape = the preset of `size`, overridden field by field by width/depth/heads when set (None = preset);
+    resolved at build time (`resolved()`), so replacing `size` always means that preset's shape."""
     size: Literal["tiny", "S", "B", "L"] = "tiny"
     width: Optional[int] = None
     depth: Optional[int] = None
@@ -28,25 +30,27 @@ class IDMConfig:
     mlp_ratio: float = 4.0
     mode: Literal["pooled", "per_token"] = "pooled"
 
-    def __post_init__(self):
+    def resolved(self) -> "IDMConfig":
+        """A copy with every shape field filled in: the override where one was given, else the preset's."""
         w, d, h = PRESETS[self.size]
-        self.width = self.width or w
-        self.depth = self.depth or d
-        self.heads = self.heads or h
+        pick = lambda v, default: default if v is None else v  # noqa: E731
+        return replace(self, width=pick(self.width, w), depth=pick(self.depth, d), heads=pick(self.heads, h))
 
     def validate(self) -> None:
-        require(self.width % self.heads == 0 and self.width // self.heads >= 6, "heads",
-                "width/heads must be an integer >= 6")
+        r = self.resolved()
+        require(all(v >= 1 for v in (r.width, r.depth, r.heads)), "width", "width, depth and heads must be >= 1")
+        require(r.width % r.heads == 0 and r.width // r.heads >= 6, "heads", "width/heads must be an integer >= 6")
 
 
 class InverseDynamics(nn.Module):
     def __init__(self, cfg: IDMConfig, feat_dim: int, grid: tuple[int, int], out_dim: int):
         super().__init__()
-        self.cfg, self.grid = cfg, tuple(grid)
-        self.inp = nn.Linear(feat_dim, cfg.width)
-        self.body = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, causal=False)
-        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
-        self.head = nn.Linear(cfg.width * (2 if cfg.mode == "per_token" else 1), out_dim)
+        self.cfg, self.grid = cfg, tuple(grid)  # cfg as given (size + overrides): what a checkpoint stores
+        shape = cfg.resolved()
+        self.inp = nn.Linear(feat_dim, shape.width)
+        self.body = Transformer(shape.width, shape.depth, shape.heads, cfg.mlp_ratio, causal=False)
+        self.norm = nn.LayerNorm(shape.width, eps=1e-6)
+        self.head = nn.Linear(shape.width * (2 if cfg.mode == "per_token" else 1), out_dim)
 
     def forward(self, s_t: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
         """(B, T, N, D) twice -> (B, T, out) pooled or (B, T, N, out) per token."""

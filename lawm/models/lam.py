@@ -1,6 +1,10 @@
 """Latent action world model: IDM + regulariser + world model, over frozen encoder features s (B, T, N, D).
 
     z_t = reg(g(s_t, s_t+1)),   ŝ_t+1 = p(s_0:t, z_0:t),   loss = |ŝ_t+1 - s_t+1|_1 + L_reg(z)
+
+Precision: the model never turns autocast on by itself; the training loop's one switch (TrainConfig.bf16) does,
+around the whole forward. The regulariser always runs in fp32 with autocast off (`fp32_regularise`): the VQ
+nearest-code search and the sparse covariance would otherwise be bf16 in training and fp32 in evaluation.
 """
 from __future__ import annotations
 
@@ -26,7 +30,6 @@ class LAMConfig:
     idm: IDMConfig = field(default_factory=IDMConfig)
     reg: RegConfig = field(default_factory=RegConfig)
     wm: WorldModelConfig = field(default_factory=WorldModelConfig)
-    bf16: bool = True  # autocast to bf16 on CUDA (ignored on CPU)
 
     def validate(self) -> None:
         require(self.feat_dim > 0 and self.latent_dim > 0, "latent_dim", "must be positive")
@@ -36,6 +39,12 @@ class LAMConfig:
 def lam_preset(size: str, **kw) -> LAMConfig:
     """LAMConfig with world model and IDM at preset `size` (tiny|S|B|L); kw sets top-level fields."""
     return LAMConfig(idm=IDMConfig(size=size), wm=WorldModelConfig(size=size), **kw)
+
+
+def fp32_regularise(reg: nn.Module, raw: torch.Tensor, progress: float = 1.0):
+    """reg(raw) in fp32 whatever autocast the caller set: autocast off on raw's device, input cast to float."""
+    with torch.autocast(raw.device.type, enabled=False):
+        return reg(raw.float(), progress)
 
 
 @contextlib.contextmanager
@@ -61,16 +70,11 @@ class LatentActionWorldModel(nn.Module):
         self.reg.init_head(self.idm.head)
         self.wm = WorldModel(cfg.wm, cfg.feat_dim, grid, cfg.latent_dim)
 
-    def _autocast(self, x: torch.Tensor):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda and self.cfg.bf16)
-
     def forward(self, s: torch.Tensor, progress: float = 1.0) -> dict:
         """s (B, T, N, D) -> dict(loss, pred_loss, reg_loss, z, pred, stats). pred[:, t] predicts s[:, t+1]."""
-        with self._autocast(s):
-            raw = self.idm(s[:, :-1], s[:, 1:])
-        z, reg_loss, stats = self.reg(raw.float(), progress)
-        with self._autocast(s):
-            pred = self.wm(s[:, :-1], z)
+        raw = self.idm(s[:, :-1], s[:, 1:])
+        z, reg_loss, stats = fp32_regularise(self.reg, raw, progress)
+        pred = self.wm(s[:, :-1], z)
         pred_loss = (pred.float() - s[:, 1:].float()).abs().mean()
         loss = pred_loss + reg_loss
         stats = dict(stats, pred_loss=pred_loss.item(), reg_loss=float(reg_loss.detach()))
@@ -79,15 +83,12 @@ class LatentActionWorldModel(nn.Module):
     @torch.no_grad()
     def infer_latents(self, s: torch.Tensor) -> torch.Tensor:
         """Eval-mode latents of every transition, (B, T-1, dz) (noisy: the posterior mean, VQ: the code)."""
-        with eval_mode(self), self._autocast(s):
-            raw = self.idm(s[:, :-1], s[:, 1:])
         with eval_mode(self):
-            return self.reg(raw.float())[0]
+            return fp32_regularise(self.reg, self.idm(s[:, :-1], s[:, 1:]))[0]
 
     def predict(self, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Teacher-forced, one pass: s (B, T, N, D), z (B, T, dz) -> predictions of s_1..s_T."""
-        with self._autocast(s):
-            return self.wm(s, z).float()
+        return self.wm(s, z).float()
 
     @torch.no_grad()
     def rollout(self, context_s: torch.Tensor, z_seq: torch.Tensor, context_z: Optional[torch.Tensor] = None):

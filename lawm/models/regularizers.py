@@ -133,13 +133,28 @@ class NoisyReg(Regularizer):
         return z.to(raw.dtype), w * self.cfg.beta * kl, stats
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _broadcast_from_rank0(t: torch.Tensor) -> None:
+    if _distributed():
+        torch.distributed.broadcast(t, src=0)
+
+
 class VectorQuantizer(Regularizer):
     """VQ with a straight-through gradient, commitment loss and dead-code reset.
 
     Unused codes (no assignment since the last reset) are moved onto random latents of the current batch every
     `reset_every` latents, so they compete again (LAPA/LAPO report index collapse without it). Codes are first
-    set from the first training batch. Under DDP, usage buffers are per rank; resets then differ per rank unless
-    the trainer broadcasts the codebook.
+    set from the first training batch.
+
+    Under torch.distributed (DDP) the codebook stays identical on every rank: the first-batch initialisation and
+    every reset are computed on each rank and then rank 0's codebook is broadcast; usage counts and the number of
+    latents seen are all-reduced every training step, so all ranks find the same dead codes at the same step.
+    Gradients are averaged by DDP, so identical codebooks stay identical. Evaluation (eval mode) makes no
+    collective calls, so one rank alone may evaluate. A single process is unchanged.
     """
 
     def __init__(self, cfg, dim):
@@ -162,6 +177,7 @@ class VectorQuantizer(Regularizer):
             pick = torch.randint(len(flat), (len(dead),), device=flat.device)
             noise = 0.01 * flat.std() * torch.randn(len(dead), self.dim, device=flat.device)
             self.codebook.data[dead] = (flat[pick] + noise).to(self.codebook.dtype)
+            _broadcast_from_rank0(self.codebook.data)  # rank 0's batch supplies the new codes on every rank
         self.usage.zero_()
         self.seen.zero_()
         return len(dead)
@@ -172,19 +188,25 @@ class VectorQuantizer(Regularizer):
             with torch.no_grad():
                 pick = torch.randint(len(flat), (self.cfg.codebook_size,), device=flat.device)
                 self.codebook.data.copy_(flat[pick] + 0.01 * flat.std() * torch.randn_like(self.codebook))
+                _broadcast_from_rank0(self.codebook.data)
                 self.initialised.fill_(True)
         idx = self.quantise(flat.detach())
         q = self.codebook.float()[idx]
         loss = F.mse_loss(q, flat.detach()) + self.cfg.commitment * F.mse_loss(flat, q.detach())
         z = flat + (q - flat).detach()  # straight-through
         counts = torch.bincount(idx, minlength=self.cfg.codebook_size).float()
+        n_seen = counts.new_tensor([len(flat)])
+        if self.training and _distributed():  # every rank counts every rank's assignments
+            both = torch.cat([counts, n_seen])
+            torch.distributed.all_reduce(both)
+            counts, n_seen = both[:-1], both[-1:]
         stats = latent_stats(q, self.cfg.near_zero)
         p = counts / counts.sum()
         stats.update(code_usage=(counts > 0).float().mean().item(),
                      perplexity=torch.exp(-(p * (p + 1e-10).log()).sum()).item())
         if self.training:
             self.usage += counts
-            self.seen += len(flat)
+            self.seen += int(n_seen.item())
             stats["codes_reset"] = float(self.reset_dead_codes(flat.detach())) if self.seen >= self.cfg.reset_every else 0.0
         return z.view_as(raw).to(raw.dtype), loss, stats
 

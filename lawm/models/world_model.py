@@ -6,7 +6,7 @@ tokens of earlier frames, which were modulated by earlier latents: these are pas
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
@@ -27,6 +27,11 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 @dataclass
 class WorldModelConfig:
+    """Shape = the preset of `size`, field by field overridden by width/depth/heads/cond_width when set.
+
+    The config holds only what was asked for (None = "from the preset") and `resolved()` works the shape out at
+    build time, so `dataclasses.replace(cfg, size="B")` means B's shape, and a checkpoint keeps size + overrides.
+    """
     size: Literal["tiny", "S", "B", "L"] = "tiny"
     width: Optional[int] = None  # None = take it from `size`
     depth: Optional[int] = None
@@ -38,27 +43,31 @@ class WorldModelConfig:
     residual: bool = True
     rope_theta: float = 100.0
 
-    def __post_init__(self):
+    def resolved(self) -> "WorldModelConfig":
+        """A copy with every shape field filled in: the override where one was given, else the preset's."""
         w, d, h, c = PRESETS[self.size]
-        self.width = self.width or w
-        self.depth = self.depth or d
-        self.heads = self.heads or h
-        self.cond_width = self.cond_width or c
+        pick = lambda v, default: default if v is None else v  # noqa: E731
+        return replace(self, width=pick(self.width, w), depth=pick(self.depth, d), heads=pick(self.heads, h),
+                       cond_width=pick(self.cond_width, c))
 
     def validate(self) -> None:
-        require(self.width % self.heads == 0, "width", "must be divisible by heads")
-        require(self.width // self.heads >= 6, "heads", "head dim must be >= 6 for 3-axis RoPE")
+        r = self.resolved()
+        require(all(v >= 1 for v in (r.width, r.depth, r.heads, r.cond_width)), "width",
+                "width, depth, heads and cond_width must be >= 1")
+        require(r.width % r.heads == 0, "width", "must be divisible by heads")
+        require(r.width // r.heads >= 6, "heads", "head dim must be >= 6 for 3-axis RoPE")
 
 
 class WorldModel(nn.Module):
     def __init__(self, cfg: WorldModelConfig, feat_dim: int, grid: tuple[int, int], cond_dim: int):
         super().__init__()
-        self.cfg, self.grid = cfg, tuple(grid)
-        w, cw = cfg.width, cfg.cond_width
+        self.cfg, self.grid = cfg, tuple(grid)  # cfg as given (size + overrides): what a checkpoint stores
+        shape = cfg.resolved()
+        w, cw = shape.width, shape.cond_width
         self.inp = nn.Linear(feat_dim, w)
         # default (fan-in) init keeps z's signal at unit scale; std 0.02 would shrink it ~100x at small widths
         self.cond = nn.Sequential(nn.Linear(cond_dim, cw), nn.SiLU(), nn.Linear(cw, cw))
-        self.body = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio, cond_width=cw, causal=True,
+        self.body = Transformer(w, shape.depth, shape.heads, cfg.mlp_ratio, cond_width=cw, causal=True,
                                 rope_theta=cfg.rope_theta)
         self.norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(cw, 2 * w))

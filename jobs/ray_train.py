@@ -4,21 +4,27 @@ worker, and step metrics written to MLflow by rank 0.
 
 The objective is built inside each worker from a picklable `build(**kwargs)`; its `exports()` are saved as lawm
 checkpoints in `<stage>/models/` by rank 0 at the end (so `run.root` must be shared storage on a cluster).
+
+Checkpoints hold every rank's RNG state (gathered at each checkpoint); a resumed rank continues its own stream,
+exactly where an uninterrupted run would be. Validation scores a fixed, seeded sample of clips spread over all
+held-out videos (`validation_sample`), averaging over clips.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from lawm.config import require
-from lawm.training.loop import Trainer, TrainConfig, to_device
+from lawm.training.loop import Trainer, TrainConfig, set_rng_state, to_device
 
 
 @dataclass
@@ -49,7 +55,7 @@ class TrainJob:
     seed: int = 0
     tracking_uri: str = ""
     mlflow_run_id: str = ""
-    val_batches: int = 4
+    val_batches: int = 4  # the validation sample: val_batches x batch_size clips over all held-out videos
     audit_keys: bool = False  # each rank appends the clip keys it trained on to keys-rank<r>.txt
     run_dir: str = ""  # <storage>/<run name>, set by fit()
 
@@ -69,8 +75,12 @@ def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=
 
     ds = ShardDataset(urls, _decode_fn(job.data_kind), shuffle=shuffle, seed=job.seed, rank=rank,
                       world_size=world_size, epoch_shuffle=shuffle > 0, repeat=repeat)
+    # Its own generator: starting an iterator otherwise draws from the global torch RNG, so a resumed run (which
+    # starts its iterator after restoring the RNG) would draw a different stream from an uninterrupted one.
+    generator = torch.Generator().manual_seed(job.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=job.train.batch_size, num_workers=job.train.loader_workers,
-                                         collate_fn=collate, drop_last=drop_last, persistent_workers=False)
+                                         collate_fn=collate, drop_last=drop_last, persistent_workers=False,
+                                         generator=generator)
     return ds, loader
 
 
@@ -106,7 +116,7 @@ def train_worker(config: dict) -> None:
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(job.seed + rank)
+    _seed_all(job.seed + rank)  # every rank its own streams: torch, numpy and python (a checkpoint holds all three)
     device = ray.train.torch.get_device()
     objective = job.build(**job.build_kwargs).to(device)
     module = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
@@ -114,6 +124,7 @@ def train_worker(config: dict) -> None:
     state = _latest_state(job, ray.train.get_checkpoint(), device)
     if state is not None:
         trainer.load_state_dict(state)
+        _restore_rank_rng(state, rank, world, job.seed)
     log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
     if rank == 0:
         _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
@@ -131,6 +142,7 @@ def train_worker(config: dict) -> None:
             print(f"[{job.stage}] step {step}/{job.train.steps} {shown}", flush=True)
 
     def on_checkpoint(state: dict, step: int, metrics: dict) -> None:
+        state = {**state, "rng_ranks": _gather_rng(state["rng"], world)}
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -142,6 +154,32 @@ def train_worker(config: dict) -> None:
     trainer.fit(make_batches, on_log, on_checkpoint)
     if rank == 0:
         _finish(job, objective, log)
+
+
+def _gather_rng(own: dict, world: int) -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective: all ranks call it at each checkpoint)."""
+    if world == 1:
+        return [own]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, own)
+    return states
+
+
+def _restore_rank_rng(state: dict, rank: int, world: int, seed: int) -> None:
+    """Each rank continues its own random stream (Trainer.load_state_dict restored rank 0's on every rank). A
+    checkpoint from another world size (or one without per-rank states) gives each rank a fresh stream, seeded
+    by (seed, rank, step) so that ranks still differ."""
+    saved = state.get("rng_ranks")
+    if saved is not None and len(saved) == world:
+        set_rng_state(saved[rank])
+        return
+    _seed_all(int(np.random.SeedSequence([seed, rank, state["step"]]).generate_state(1)[0]))
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _latest_state(job: TrainJob, reported, device) -> dict | None:
@@ -175,26 +213,81 @@ def _audited(batches, path: Path):
         yield batch
 
 
+def validation_sample(urls: list[str], clips: int, seed: int) -> list[tuple[str, str]]:
+    """A fixed sample of at most `clips` validation clips, as (shard url, key), the same for the same shards and
+    seed. Every clip when there are no more; else a systematic sample of the clips grouped by source video
+    (videos, and clips within each, in a seeded order), so that each held-out video contributes in proportion
+    to its clip count and the sample's mean is a clip-weighted mean over all of them: never just the first
+    shards in key order. Keys are `<source id>_<clip index>` (ingest), which gives the video.
+    Returned in a seeded order, so that batches mix videos (the shuffled-latent control pairs clips in a batch)."""
+    rng = np.random.default_rng(seed)
+    by_video: dict[str, list[tuple[str, str]]] = {}
+    for url in sorted(urls):
+        for key in _shard_keys(url):
+            by_video.setdefault(key.rsplit("_", 1)[0], []).append((url, key))
+    order = [by_video[v] for v in rng.permutation(sorted(by_video))]
+    every = [item for group in order for item in (group[i] for i in rng.permutation(len(group)))]
+    if len(every) > clips:
+        start = rng.random()
+        every = [every[int((i + start) * len(every) / clips)] for i in range(clips)]
+    return [every[i] for i in rng.permutation(len(every))]
+
+
+def _shard_keys(url: str) -> list[str]:
+    """The sample keys of a shard, in order, from its tar headers."""
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        return list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar if m.isfile()))
+
+
+def validation_batches(urls: list[str], decode, clips: int, batch_size: int, seed: int):
+    """The validation sample (`validation_sample`) decoded and collated in batches of nearly equal size (at most
+    `batch_size`), reading only the sampled members of each shard."""
+    import tarfile
+
+    from lawm.data.clips import collate
+
+    sample = validation_sample(urls, clips=clips, seed=seed)
+    raw: dict[str, dict] = {}
+    for url in sorted({u for u, _ in sample}):
+        wanted = {k for u, k in sample if u == url}
+        with tarfile.open(url) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if m.isfile() and key in wanted:
+                    raw.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
+    n_batches = -(-len(sample) // batch_size)
+    for part in np.array_split(np.arange(len(sample)), n_batches) if sample else []:
+        yield collate([decode(raw[sample[i][1]]) for i in part])
+
+
 def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> None:
     """Rank 0: export the trained models and evaluate on validation clips."""
     from lawm.checkpoint import save_model
+    from lawm.training.loop import nonfinite_tensors
 
     models_dir = Path(job.out_dir) / "models"
-    paths = {name: str(save_model(models_dir / f"{name}.pt", m)) for name, m in objective.exports().items()}
+    exports = objective.exports()
+    for name, m in exports.items():  # all checked before any is written: a NaN model is never exported as done
+        bad = nonfinite_tensors(m.state_dict())
+        if bad:
+            raise RuntimeError(f"{job.stage}: refusing to export {name}: non-finite weights in {', '.join(bad[:5])}")
+    paths = {name: str(save_model(models_dir / f"{name}.pt", m)) for name, m in exports.items()}
     evaluation: dict[str, float] = {}
     if hasattr(objective, "evaluate") and job.val_urls:
         objective.eval()
-        _, loader = _loader(job, job.val_urls, shuffle=0, rank=0, world_size=1, drop_last=False)
         device = next(objective.parameters()).device
         sums: dict[str, float] = {}
         n = 0
-        for batch in loader:
+        for batch in validation_batches(job.val_urls, decode=_decode_fn(job.data_kind),
+                                        clips=job.val_batches * job.train.batch_size,
+                                        batch_size=job.train.batch_size, seed=job.seed):
+            clips = len(batch["key"])  # batch means weighted by their clip counts: a mean over clips
             for k, v in objective.evaluate(to_device(batch, device)).items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            if n >= job.val_batches:
-                break
-        evaluation = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + v * clips
+            n += clips
+        evaluation = {f"val_{k}": v / n for k, v in sums.items()} if n else {}
         log(evaluation, job.train.steps)
     (Path(job.out_dir) / "result.json").write_text(json.dumps({"models": paths, "eval": evaluation}, indent=1))
     _progress(job, {"event": "end", "step": job.train.steps})
