@@ -5,8 +5,6 @@ rebuilds the class strictly through `lawm.config.from_dict` and then loads the w
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from lawm.config import from_dict, to_dict
+from lawm.files import atomic_file
 
 FORMAT = "lawm-model-v1"
 
@@ -45,16 +44,8 @@ def save_model(path: str | Path, model: nn.Module, extra: dict[str, Any] | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "name": registry_name(model), "config": to_dict(model.cfg),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": extra or {}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -28,53 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from lawm.data.video import VideoError, encode_clip, probe, stream_frames
+from lawm.files import atomic_file, atomic_write_json, read_json_object
+from pipelines.shards import add_member
 from pipelines.sources import Source, check_split, fingerprint, labels_sidecar, source_id, split_of
 
 CRASH_LIMIT = 2  # worker deaths on one source in one run before it is recorded instead of started again
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash or a power cut leaves the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, default=str).encode())
-
-
-def read_marker(path: Path) -> dict | None:
-    """A JSON object from `path`, or None when it is missing, empty or unreadable (then the work is redone)."""
-    try:
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def sweep_temporaries(folder: Path) -> None:
-    """Remove the `.NAME.tmp` files a killed writer left anywhere under `folder`."""
-    if folder.is_dir():
-        for tmp in folder.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
 
 
 def classify(err: BaseException) -> tuple[str, str, str]:
@@ -91,11 +49,11 @@ def classify(err: BaseException) -> tuple[str, str, str]:
 
 def resume_row(work: Path, sid: str, packed: frozenset[str] | set[str] = frozenset()) -> dict | None:
     """The finished result of `sid` from an earlier attempt, or None when it must be (re)done."""
-    done = read_marker(work / "done" / f"{sid}.json")
+    done = read_json_object(work / "done" / f"{sid}.json")
     if done and done.get("status") == "ok" and done.get("clips") and (
             sid in packed or (work / "staging" / f"{sid}.tar").exists()):
         return {**done, "resumed": True}
-    failed = read_marker(work / "failed" / f"{sid}.json")
+    failed = read_json_object(work / "failed" / f"{sid}.json")
     if failed and failed.get("status") == "failed" and failed.get("kind") == "permanent":
         return {**failed, "resumed": True}
     return None
@@ -105,13 +63,6 @@ def failure_row(src: Source, sid: str | None, stage: str, err: BaseException) ->
     error, kind, message = classify(err)
     return {"sid": sid, "path": src.path, "status": "failed", "stage": stage, "error": error, "kind": kind,
             "message": message or error}
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # deterministic bytes for the same clips
-    tar.addfile(info, io.BytesIO(data))
 
 
 class _Labels:
@@ -147,7 +98,7 @@ def process_source(src: Source, cfg, work: Path, *, fp: str | None = None, run_i
         return resumed
     failed = work / "failed" / f"{sid}.json"
     attempts = work / "attempts" / f"{sid}.json"
-    previous = read_marker(attempts) or {}
+    previous = read_json_object(attempts) or {}
     starts = previous.get("starts", 0) if previous.get("run") == run_id else 0
     if starts >= CRASH_LIMIT:
         row = failure_row(src, sid, "worker", VideoError(
@@ -212,20 +163,10 @@ def _record(marker: Path, row: dict) -> None:
 def _cut(src: Source, cfg, work: Path, *, sid: str, fp: str, split: str, info, seg_start: float,
          labels: _Labels | None, timeout: float) -> tuple[list[dict], int]:
     staging = work / "staging" / f"{sid}.tar"
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging.with_name(f".{staging.name}.{os.getpid()}.tmp")
     clips: list[dict] = []
-    try:
-        with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w") as tar:
-                frames_seen = _stream_clips(src, cfg, tar, sid=sid, fp=fp, split=split, info=info,
-                                            seg_start=seg_start, labels=labels, timeout=timeout, clips=clips)
-            raw.flush()
-            os.fsync(raw.fileno())  # the `done` marker written next must never point at bytes still in a cache
-        os.replace(tmp, staging)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failure leaves no partial tar behind
-    fsync_dir(staging.parent)
+    with atomic_file(staging) as raw, tarfile.open(fileobj=raw, mode="w") as tar:  # a failure leaves no partial tar
+        frames_seen = _stream_clips(src, cfg, tar, sid=sid, fp=fp, split=split, info=info,
+                                    seg_start=seg_start, labels=labels, timeout=timeout, clips=clips)
     return clips, frames_seen
 
 
@@ -240,10 +181,10 @@ def _stream_clips(src: Source, cfg, tar: tarfile.TarFile, *, sid: str, fp: str, 
         """Write finished clips in order, leaving at most `keep` encodes in flight."""
         while pending and (len(pending) > keep or pending[0][1].done()):
             meta, future, label_bytes = pending.popleft()
-            _add_member(tar, f"{meta['key']}.mp4", future.result())
-            _add_member(tar, f"{meta['key']}.json", json.dumps(meta, default=str).encode())
+            add_member(tar, f"{meta['key']}.mp4", future.result())
+            add_member(tar, f"{meta['key']}.json", json.dumps(meta, default=str).encode())
             if label_bytes is not None:
-                _add_member(tar, f"{meta['key']}.labels.npz", label_bytes)
+                add_member(tar, f"{meta['key']}.labels.npz", label_bytes)
             clips.append(meta)
 
     # Clips are encoded on a helper thread (the encoder is a subprocess): the decoder keeps streaming meanwhile

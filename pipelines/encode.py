@@ -9,9 +9,13 @@ optional `<key>.labels.npz`. Output:
   unchanged. Keys are sorted within a split and cut into contiguous runs, one per shard, of about `shard_mb` and
   never fewer shards than the split had clip shards (one per data-parallel worker). Shard bytes are deterministic
   for the same features (member mtimes are 0); each shard is written to a temp file and renamed into place.
+- `features/.{split}-NNNNNN.tar.failures.json`: the clips of that shard that could not be encoded, written before
+  the shard is renamed into place, so a resumed run reports the failures of the shards it keeps.
 - `features.json`: encoder config, dim, grid, tubelet, dtype, counts per split, metrics; written last, so it marks a
   finished run. A rerun with the same inputs and settings is skipped; a killed run resumes, re-encoding only the
-  shards it had not renamed into place; other settings (or changed inputs) start `features/` afresh.
+  shards it had not renamed into place; other settings (or changed inputs) start `features/` afresh. `counts` and
+  `failures` describe all the shards (read back from them and their failure files), so a resumed run reports what
+  a fresh one would; `metrics` (clips_encoded, shards_written, ...) describe this run's work only.
 
 Ray Data: tasks read clip members straight out of the tars (by offset), an actor pool (`actors`, the encoder built
 once per actor from the driver's weights, on a GPU with `num_gpus_per_actor` > 0) encodes batches, and the driver writes the shards as the
@@ -37,8 +41,9 @@ import numpy as np
 
 from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
 from lawm.models.encoders import EncoderConfig
-from pipelines.clipper import atomic_write_json
-from pipelines.shards import _SHARD, list_shards
+from lawm.files import atomic_file, atomic_write_json
+from pipelines.progress import progress_bar
+from pipelines.shards import add_member, list_shards, shard_name, shard_split
 
 FEATURE_EXT = "feat.npy"
 PASS_THROUGH = ("json", "labels.npz")
@@ -268,43 +273,30 @@ def _plan(inputs: dict[str, list[Path]], bytes_per_clip: int, shard_bytes: int) 
     return plan, dupes
 
 
-def _shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def _failures_path(shard: Path) -> Path:
+    return shard.with_name(f".{shard.name}.failures.json")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # the same features give the same bytes
-    tar.addfile(info, io.BytesIO(data))
+def _shard_report(shard: Path, planned: list[str]) -> tuple[int, list[dict]]:
+    """(clips in a finished feature shard, its failures) from the shard's headers and its failure file. A shard
+    without one (written before failure files existed) names its missing planned clips as failures."""
+    keys = {k for k, members in _scan(shard).items() if FEATURE_EXT in members}
+    try:
+        failures = json.loads(_failures_path(shard).read_text())
+    except (OSError, ValueError):
+        failures = [{"key": k, "error": "not encoded by an earlier run (reason not recorded)"}
+                    for k in planned if k not in keys]
+    return len(keys), failures
 
 
 def _write_shard(path: Path, rows: list[dict]) -> int:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w") as tar:
         for r in sorted(rows, key=lambda r: r["key"]):
-            _add_member(tar, f"{r['key']}.{FEATURE_EXT}", r["feat"])
-            _add_member(tar, f"{r['key']}.json", r["json"])
+            add_member(tar, f"{r['key']}.{FEATURE_EXT}", r["feat"])
+            add_member(tar, f"{r['key']}.json", r["json"])
             if r["labels"]:
-                _add_member(tar, f"{r['key']}.labels.npz", r["labels"])
-    tmp.replace(path)
+                add_member(tar, f"{r['key']}.labels.npz", r["labels"])
     return path.stat().st_size
-
-
-class _Progress:
-    """A bar on a terminal, a line every `every` seconds otherwise: clips, clips/s."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="clip", desc="encode", file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else every)
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -338,7 +330,7 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
         raise ConfigError(f"encode: no clip shards in {src}")
     inputs: dict[str, list[Path]] = defaultdict(list)
     for p in all_inputs:
-        inputs[_SHARD.match(p.name)["split"]].append(p)
+        inputs[shard_split(p)].append(p)
     inputs.setdefault("train", [])
     inputs.setdefault("val", [])
 
@@ -373,9 +365,9 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
     per_clip = (frames // info["tubelet"]) * info["grid"][0] * info["grid"][1] * info["dim"] * itemsize + 2048
     plan, dupes = _plan(inputs, per_clip, int(cfg.shard_mb * 2**20))
 
-    names = {split: [_shard_name(split, i) for i in range(len(shards))] for split, shards in plan.items()}
+    names = {split: [shard_name(split, i) for i in range(len(shards))] for split, shards in plan.items()}
     todo = [(split, i) for split, shards in plan.items() for i in range(len(shards))
-            if not (feat_dir / _shard_name(split, i)).exists()]
+            if not (feat_dir / shard_name(split, i)).exists()]
     expected = {(split, i): len(plan[split][i]) for split, i in todo}
     chunks = []
     for split, i in todo:
@@ -400,7 +392,7 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
         saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
         ctx.execution_options.preserve_order = True  # rows arrive in plan order: a shard is written once complete
         ctx.enable_progress_bars = False
-        bar = _Progress(total) if progress else None
+        bar = progress_bar(total, unit="clip", desc="encode") if progress else None
         pending: dict[tuple[str, int], list[dict]] = defaultdict(list)
         try:
             ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
@@ -414,7 +406,7 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
             for r in ds.iter_rows():
                 where = (r["split"], int(r["shard"]))
                 if r["error"]:
-                    failures.append({"key": r["key"], "split": r["split"], "error": r["error"]})
+                    failures.append({"key": r["key"], "split": r["split"], "shard": where[1], "error": r["error"]})
                     r = None
                 else:
                     metrics["decode_s"] += float(r["decode_s"])
@@ -422,7 +414,10 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
                 pending[where].append(r)
                 if len(pending[where]) == expected[where]:
                     rows = [x for x in pending.pop(where) if x is not None]
-                    metrics["bytes_written"] += _write_shard(feat_dir / _shard_name(*where), rows)
+                    shard = feat_dir / shard_name(*where)
+                    atomic_write_json(_failures_path(shard), [{"key": f["key"], "error": f["error"]} for f in failures
+                                                               if (f["split"], f["shard"]) == where])
+                    metrics["bytes_written"] += _write_shard(shard, rows)
                     metrics["shards_written"] += 1
                     metrics["clips_encoded"] += len(rows)
                 if bar:
@@ -434,11 +429,17 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
         if pending:
             raise RuntimeError(f"encode: shards left incomplete: {sorted(pending)}")
     wall = time.perf_counter() - t0
-    metrics["failed"] = len(failures)
+    metrics["failed"] = len(failures)  # in this run
     metrics.update(wall_s=wall, clips_per_s=metrics["clips_encoded"] / wall if wall > 0 else 0.0,
                    frames_per_s=metrics["clips_encoded"] * frames / wall if wall > 0 else 0.0)
-    counts = {split: sum(len(s) for s in shards) - sum(f["split"] == split for f in failures)
-              for split, shards in plan.items()}
+    # Counts and failures of every shard, read back: a resumed run's own tallies cover only the shards it wrote.
+    counts, failures = {}, []
+    for split, shards in plan.items():
+        counts[split] = 0
+        for i, items in enumerate(shards):
+            n, failed = _shard_report(feat_dir / shard_name(split, i), [k for k, _ in items])
+            counts[split] += n
+            failures += [{"key": f["key"], "split": split, "error": f["error"]} for f in failed]
     summary = {
         "features": str(feat_dir), "encoder": to_dict(cfg.encoder), "config": to_dict(cfg),
         "dim": info["dim"], "grid_h": info["grid"][0], "grid_w": info["grid"][1], "tubelet": info["tubelet"],

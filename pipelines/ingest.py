@@ -31,8 +31,9 @@ import pandas as pd
 
 from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
 from lawm.data.video import VideoError
-from pipelines.clipper import (atomic_write_json, failure_row, process_source, read_marker, resume_row,
-                               sweep_temporaries)
+from lawm.files import atomic_write_json, read_json_object, sweep_temporaries
+from pipelines.clipper import failure_row, process_source, resume_row
+from pipelines.progress import progress_bar
 from pipelines.shards import list_shards, pack, packed_sources
 from pipelines.sources import VIDEO_EXTENSIONS, Source, check_split, discover, fingerprint, source_id
 
@@ -104,12 +105,9 @@ class _Progress:
     """A bar on a terminal, a line every `every` seconds otherwise: videos, clips, frames/s."""
 
     def __init__(self, total: int, every: float = 10.0):
-        from tqdm import tqdm
-
         self.t0 = time.perf_counter()
         self.clips = self.frames = 0
-        self.bar = tqdm(total=total, unit="video", desc="ingest", mininterval=every if not sys.stderr.isatty() else 0.5,
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = progress_bar(total, unit="video", desc="ingest", every=every)
 
     def update(self, row: dict) -> None:
         self.clips += len(row.get("clips", []))
@@ -221,7 +219,7 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
     settings = work / "settings.json"
     digest = config_hash({k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY},
                          _input_identity(sources, inspected))
-    old = read_marker(settings)
+    old = read_json_object(settings)
     if old is None or old.get("hash") != digest:
         _clear_outputs(output)  # clips cut with other settings or from another input must not mix with these
     atomic_write_json(settings, {"hash": digest, "config": to_dict(cfg), "inputs": len(sources)})

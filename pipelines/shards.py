@@ -1,4 +1,5 @@
-"""Pack staged per-video tars into WebDataset shards of a target size.
+"""WebDataset shards: the one module that names, lists and writes shard tars (ingest packs staged per-video tars
+into shards of a target size; encode writes feature shards through the same writer).
 
 Shards are immutable once renamed into place; the set of keys inside existing shards is the record of
 what is packed, so a run killed at any point repacks nothing twice and loses nothing. A shard is fsynced before
@@ -6,10 +7,12 @@ its rename and the folder after it: the staged tars it replaces are deleted only
 """
 from __future__ import annotations
 
-import os
+import io
 import re
 import tarfile
 from pathlib import Path
+
+from lawm.files import atomic_file, sweep_temporaries
 
 _SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
 
@@ -48,25 +51,32 @@ def packed_sources(shard_dir: Path) -> dict[str, str]:
     return mapping
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member of a WebDataset tar, with mtime 0: the same clips give the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_index(path: Path) -> int:
+    return int(_SHARD.match(path.name)["index"])
+
+
+def shard_split(path: Path) -> str:
+    return _SHARD.match(path.name)["split"]
+
+
 def _write_shard(path: Path, staged: list[Path]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w") as out:
-                for stage_tar in staged:
-                    with tarfile.open(stage_tar, "r") as src:
-                        for member in src:
-                            out.addfile(member, src.extractfile(member))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path) as raw, tarfile.open(fileobj=raw, mode="w") as out:
+        for stage_tar in staged:
+            with tarfile.open(stage_tar, "r") as src:
+                for member in src:
+                    out.addfile(member, src.extractfile(member))
 
 
 def pack(pending: list[tuple[str, str, Path]], shard_dir: Path, target_bytes: int, min_shards: int = 1) -> dict[str, str]:
@@ -77,22 +87,21 @@ def pack(pending: list[tuple[str, str, Path]], shard_dir: Path, target_bytes: in
     sources for them (data-parallel training needs a shard per worker). Returns sid → shard name.
     """
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(".*.tmp"):
-        stale.unlink()  # a shard a killed run did not finish
+    sweep_temporaries(shard_dir)  # a shard a killed run did not finish
     mapping: dict[str, str] = {}
     for split in sorted({s for s, _, _ in pending}):
         items = sorted((sid, p) for s, sid, p in pending if s == split)
         total = sum(p.stat().st_size for _, p in items)
         target = max(1, min(target_bytes, total // max(min_shards, 1)))
         existing = list_shards(shard_dir, split)
-        next_index = 1 + max((int(_SHARD.match(p.name)["index"]) for p in existing), default=-1)
+        next_index = 1 + max((shard_index(p) for p in existing), default=-1)
         group: list[tuple[str, Path]] = []
         size = 0
         for n, (sid, staged) in enumerate(items):
             group.append((sid, staged))
             size += staged.stat().st_size
             if size >= target or n == len(items) - 1:
-                name = f"{split}-{next_index:06d}.tar"
+                name = shard_name(split, next_index)
                 _write_shard(shard_dir / name, [p for _, p in group])
                 mapping.update({s: name for s, _ in group})
                 next_index += 1

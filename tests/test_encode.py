@@ -121,3 +121,56 @@ def test_rerun_skips_resumes_and_restarts(ingested, tmp_path):
     encoder = make_encoder(bf.encoder)
     for key, clip in clips.items():
         torch.testing.assert_close(feats[key]["feats"], encoder(clip["frames"][None])[0], atol=1e-2, rtol=8e-3)
+
+
+def _with_bad_clip(ingested, out) -> str:
+    """A copy of the ingest shards in which one train clip's mp4 is garbage: encode must record it as a failure."""
+    import io
+    import tarfile
+
+    out.mkdir()
+    shards = list_shards(ingested / "shards")
+    victim = next(p for p in shards if p.name.startswith("train"))
+    bad_key = shard_keys(victim)[0]
+    for p in shards:
+        if p != victim:
+            (out / p.name).write_bytes(p.read_bytes())
+            continue
+        with tarfile.open(p) as src, tarfile.open(out / p.name, "w") as dst:
+            for m in src:
+                data = src.extractfile(m).read()
+                if m.name == f"{bad_key}.mp4":
+                    data = b"not a video at all" * 10
+                    m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+    return bad_key
+
+
+def test_resumed_run_reports_the_counts_of_a_fresh_one(ingested, tmp_path):
+    shards = tmp_path / "shards"
+    bad_key = _with_bad_clip(ingested, shards)
+    cfg = from_dict(EncodeConfig, {"encoder": RAW, "batch_size": 4, "actors": 1})
+    fresh = run_encode(cfg, shards, tmp_path / "out", progress=False)
+    assert [f["key"] for f in fresh["failures"]] == [bad_key] and fresh["metrics"]["failed"] == 1
+    n_train = sum(len(shard_keys(p)) for p in list_shards(shards, "train"))
+    assert fresh["counts"]["train"] == n_train - 1
+
+    # a killed run: features.json never written, one shard never renamed into place (a val shard: the train shard
+    # planned to hold the failed clip is among those kept)
+    other = list_shards(tmp_path / "out" / "features", "val")[0]
+    other.unlink()
+    (tmp_path / "out" / "features.json").unlink()
+    resumed = run_encode(cfg, shards, tmp_path / "out", progress=False)
+    assert resumed["metrics"]["shards_written"] == 1 and resumed["metrics"]["failed"] == 0  # this run's work
+    assert resumed["counts"] == fresh["counts"]
+    assert [(f["key"], f["split"], f["error"]) for f in resumed["failures"]] == \
+        [(f["key"], f["split"], f["error"]) for f in fresh["failures"]]
+    assert feature_info(tmp_path / "out")["counts"] == fresh["counts"]
+
+    # shards finished by an older run that kept no failure file: the missing clip is still reported
+    for sidecar in (tmp_path / "out" / "features").glob(".*.failures.json"):
+        sidecar.unlink()
+    other.unlink()
+    (tmp_path / "out" / "features.json").unlink()
+    again = run_encode(cfg, shards, tmp_path / "out", progress=False)
+    assert again["counts"] == fresh["counts"] and [f["key"] for f in again["failures"]] == [bad_key]
