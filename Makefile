@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench clean-demo venv
+.PHONY: demo test bench clean-demo venv browser
 
 venv: .venv/.installed
 
@@ -14,7 +14,13 @@ venv: .venv/.installed
 demo: venv
 	$(PY) jobs/full_pipeline.py --config jobs/configs/demo.yaml $(ARGS)
 
-test: venv
+# The report test renders HTML in headless Chromium (Debian's package); installed here when missing and root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo 'make test needs chromium: apt-get install chromium (as root)'; exit 1; }
+
+test: venv browser
 	$(PY) -m pytest -q $(ARGS)
 
 bench: venv

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-BENCHES = ["bench_ingest", "bench_models", "bench_datasets", "bench_train", "bench_encode"]
-QUICK_ARGS = {"bench_ingest": {"quick": True}, "bench_encode": {"quick": True}}
+BENCHES = ["bench_ingest", "bench_models", "bench_datasets", "bench_train", "bench_encode", "bench_planning"]
+QUICK_ARGS = {"bench_ingest": {"quick": True}, "bench_encode": {"quick": True}, "bench_planning": {"quick": True}}
 
 
 def main() -> int:

@@ -81,6 +81,7 @@ class ManipWorld(sc.PybulletWorld):
             c.resetJointState(self.robot, j, q)
         for j in FINGERS:
             c.resetJointState(self.robot, j, 0.04)
+        self.objects = []  # the old ids died with resetSimulation (a second build() used to crash on them)
         self.objects = [self._object(rng, k) for k in range(cfg.n_objects)]
         self.cams = [self._camera(rng, k) for k in range(cfg.cameras)]
         self.gripper_cmd = 0.0

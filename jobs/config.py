@@ -14,7 +14,9 @@ from lawm_datasets.simulate import SimulateConfig
 from pipelines.encode import EncodeConfig
 
 from jobs.eval_planning import EvalPlanningConfig
+from jobs.eval_stages import EvalLeakageConfig, EvalProbeConfig, EvalTransferConfig
 from jobs.generate import GenerateConfig
+from jobs.report import ReportConfig
 from jobs.stages import IngestSimConfig
 from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
 
@@ -54,4 +56,8 @@ class PipelineConfig:
     train_decoder: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
     train_controller: TrainControllerConfig = field(default_factory=TrainControllerConfig)
     train_wm_action: TrainWMActionConfig = field(default_factory=TrainWMActionConfig)
+    eval_leakage: EvalLeakageConfig = field(default_factory=EvalLeakageConfig)
+    eval_transfer: EvalTransferConfig = field(default_factory=EvalTransferConfig)
+    eval_probe: EvalProbeConfig = field(default_factory=EvalProbeConfig)
     eval_planning: EvalPlanningConfig = field(default_factory=EvalPlanningConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)

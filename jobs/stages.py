@@ -13,6 +13,9 @@ from lawm_datasets.simulate import SimulateConfig, run_simulate
 
 from pipelines.encode import EncodeConfig, run_encode
 
+from jobs.eval_planning import run_eval_planning
+from jobs.eval_stages import run_eval_leakage, run_eval_probe, run_eval_transfer
+from jobs.report import report_inputs, run_report
 from jobs.generate import run_generate
 from jobs.plots import trajectories
 from jobs.runner import Stage, StageContext
@@ -35,12 +38,14 @@ def run_ingest_stage(cfg: IngestConfig, ctx: StageContext) -> dict:
 
 
 def _input_identity(cfg: IngestConfig):
-    """What ingest reads from outside the pipeline: every listed file's path, size and mtime."""
+    """What ingest reads from outside the pipeline: every listed file's path, size and mtime, and what a manifest
+    says of it (segment, split, extra columns). Stat only: a listed FIFO must not block here."""
     if not cfg.input:
         return None
-    files = [Path(s.path) for s in discover(cfg.input, tuple(cfg.extensions))]
+    sources = discover(cfg.input, tuple(cfg.extensions))
+    files = [Path(s.path) for s in sources]
     stat = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p), -1, -1) for p in files]
-    return {"input": cfg.input, "files": stat}
+    return {"input": cfg.input, "files": stat, "listing": [s.to_dict() for s in sources]}
 
 
 def run_simulate_stage(cfg: SimulateConfig, ctx: StageContext) -> dict:
@@ -92,7 +97,7 @@ def run_encode_stage(cfg: EncodeConfig, ctx: StageContext) -> dict:
 STAGES: list[Stage] = [
     Stage("generate", run_generate),
     Stage("ingest", run_ingest_stage, inputs=lambda c: [] if c.ingest.input else ["generate"],
-          external=_input_identity, resumable=True),
+          external=_input_identity, resumable=True, reads=lambda c: [c.input] if c.input else []),
     Stage("simulate", run_simulate_stage),
     Stage("ingest_sim", run_ingest_sim_stage, inputs=lambda c: ["simulate"], resumable=True),
     Stage("encode", run_encode_stage, inputs=lambda c: ["ingest", "ingest_sim"], resumable=True),
@@ -100,6 +105,14 @@ STAGES: list[Stage] = [
     Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode", "train_wm"], resumable=True),
     Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_wm"], resumable=True),
     Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
+    Stage("eval_leakage", run_eval_leakage, inputs=lambda c: ["encode", "train_wm"] + (
+        ["ingest", "train_decoder"] if c.eval_leakage.pixels else [])),
+    Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_wm", "ingest", "train_decoder"] + (
+        [] if c.ingest.input else ["generate"])),
+    Stage("eval_probe", run_eval_probe, inputs=lambda c: ["encode", "train_wm"]),
+    Stage("eval_planning", run_eval_planning,  # after eval_probe, before report
+          inputs=lambda c: ["encode", "simulate", "ingest_sim", "train_wm", "train_controller", "train_wm_action"]),
+    Stage("report", run_report, inputs=lambda c: report_inputs(STAGE_NAMES)),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
