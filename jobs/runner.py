@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lawm.config import ConfigError, config_hash, to_dict
-from pipelines.clipper import atomic_write_json
+from lawm.files import atomic_write_json
 
 from jobs import tracking
 
