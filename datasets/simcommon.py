@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lawm.data.video import write_video
+from lawm.files import atomic_write_parquet
 
 CONTROL_HZ = 4.0  # commands and frames, as in RECON/DROID at 4 fps
 
@@ -144,7 +145,7 @@ def fan_out(fn: Callable[..., list[dict]], jobs: list[tuple], use_ray: bool, num
 
 def write_manifest(rows: list[dict[str, Any]], out_dir: Path) -> Path:
     path = out_dir / "manifest.parquet"
-    pd.DataFrame(rows).to_parquet(path, index=False)
+    atomic_write_parquet(path, pd.DataFrame(rows))
     return path
 
 

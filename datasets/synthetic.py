@@ -17,6 +17,7 @@ import pandas as pd
 
 from lawm.config import require
 from lawm.data.video import write_video
+from lawm.files import atomic_write_parquet
 
 WORLD_HALF = 1.4  # distractors wrap here; the view never reaches it (pan <= 0.3, half field <= 0.625)
 SHAPES = ("circle", "square", "diamond", "triangle")
@@ -347,7 +348,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
                      "domain": "synthetic", "fps": float(cfg.fps), "n_frames": cfg.n_frames,
                      "width": cfg.size[0], "height": cfg.size[1], "n_agents": cfg.n_agents})
     manifest = out / "manifest.parquet"
-    pd.DataFrame(rows).to_parquet(manifest, index=False)
+    atomic_write_parquet(manifest, pd.DataFrame(rows))
     _write_counterfactuals(cfg, out, sorted(val) or list(range(cfg.n_videos)), rows, actions)
     return manifest
 
@@ -369,4 +370,4 @@ def _write_counterfactuals(cfg: SyntheticConfig, out: Path, pool: list[int], row
         cf_rows.append({"path": str(path), "action_source": rows[a_idx]["path"], "scene": rows[b_idx]["path"],
                         "action_episode": a_idx, "scene_episode": b_idx, "scene_seed": rows[b_idx]["seed"],
                         "split": "val", "domain": "synthetic_counterfactual"})
-    pd.DataFrame(cf_rows).to_parquet(out / "counterfactuals.parquet", index=False)
+    atomic_write_parquet(out / "counterfactuals.parquet", pd.DataFrame(cf_rows))

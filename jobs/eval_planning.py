@@ -30,8 +30,6 @@ runner writes `_stage.json` last, so a crash leaves nothing a rerun would trust.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch
 
 from lawm.checkpoint import load_model
 from lawm.config import require
+from lawm.files import atomic_write_json, atomic_write_parquet
 from lawm.data.features import feature_dataset
 from lawm.planning.cem import CEMConfig
 from lawm.planning.closed_loop import run_closed_loop
@@ -367,14 +366,6 @@ def eval_closed_loop(cfg: EvalPlanningConfig, domain: str, models: DomainModels,
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
 def _check_env_size(ctx: StageContext, domain: str, env_cfg) -> None:
     manifest = ctx.upstream("simulate", f"{domain}_manifest")
     table = pd.read_parquet(manifest, columns=["width", "height"])
@@ -453,14 +444,14 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
                 for col, name in (("latent", ""), ("zero_action", "_zero_action"),
                                   ("random_action", "_random_action"), ("action_wm", "_action_wm")):
                     metrics[f"{key}/delta_xyz{name}"] = float(table[col].mean())
-                out["manip_episodes"] = str(_write_parquet(table, ctx.out_dir / "manip" / "episodes.parquet"))
+                out["manip_episodes"] = str(atomic_write_parquet(ctx.out_dir / "manip" / "episodes.parquet", table))
                 head = "delta_xyz"
             else:
                 table, traj = eval_nav(cfg, models, episodes, ctx.seed, spacing)
                 for col in ("ate", "rpe", "ate_zero_action", "rpe_zero_action", "ate_action_wm", "rpe_action_wm"):
                     metrics[f"{key}/{col}"] = float(table[col].mean())
-                out["nav_episodes"] = str(_write_parquet(table, ctx.out_dir / "nav" / "episodes.parquet"))
-                out["nav_trajectories"] = str(_write_parquet(traj, ctx.out_dir / "nav" / "trajectories.parquet"))
+                out["nav_episodes"] = str(atomic_write_parquet(ctx.out_dir / "nav" / "episodes.parquet", table))
+                out["nav_trajectories"] = str(atomic_write_parquet(ctx.out_dir / "nav" / "trajectories.parquet", traj))
                 ctx.log_artifact(nav_picture(traj, ctx.out_dir / "nav_trajectories.png", spacing), "plots")
                 head = "ate"
             ours = metrics[f"{key}/{head}"]
@@ -482,15 +473,13 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
     finally:
         torch.set_num_threads(before)
     if closed:
-        out["closed_loop"] = str(_write_parquet(pd.concat(closed, ignore_index=True),
-                                                ctx.out_dir / "closed_loop.parquet"))
+        out["closed_loop"] = str(atomic_write_parquet(ctx.out_dir / "closed_loop.parquet",
+                                                     pd.concat(closed, ignore_index=True)))
     bad = [k for k, v in metrics.items() if not np.isfinite(v)]
     if bad:
         raise ValueError(f"eval_planning: non-finite metrics {bad}")
     metrics["planning/nav/waypoint_spacing_m"] = float(spacing)
-    tmp = ctx.out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    os.replace(tmp, ctx.out_dir / "metrics.json")
+    atomic_write_json(ctx.out_dir / "metrics.json", dict(sorted(metrics.items())))
     ctx.log_artifact(table_picture(metrics, ctx.out_dir / "table.png"), "plots")
     for path in ctx.out_dir.rglob("*.parquet"):
         ctx.log_artifact(path, f"tables/{path.parent.name}" if path.parent != ctx.out_dir else "tables")

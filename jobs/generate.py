@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 from lawm_datasets.synthetic import SyntheticConfig, generate
+from lawm.files import atomic_write_parquet
 
 REAL_SAMPLES = ("bikes.mp4", "carphone_pristine.mp4")
 
@@ -36,5 +37,5 @@ def run_generate(cfg: GenerateConfig, ctx) -> dict:
         frames.append(pd.DataFrame({"path": [str(Path(c).absolute()) for c in copies], "domain": "real"}))
     manifest = pd.concat(frames, ignore_index=True)
     path = ctx.out_dir / "manifest.parquet"
-    manifest.to_parquet(path, index=False)
+    atomic_write_parquet(path, manifest)
     return {"manifest": str(path), "metrics": {"videos": len(manifest), "synthetic_videos": len(synthetic)}}

@@ -70,3 +70,10 @@ def sweep_temporaries(folder: str | Path) -> None:
     if folder.is_dir():
         for tmp in folder.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def atomic_write_parquet(path: str | Path, table) -> Path:
+    """A pandas DataFrame as parquet (pyarrow), written atomically; the one parquet writer of lawm."""
+    with atomic_file(path) as fh:
+        table.to_parquet(fh, index=False)
+    return Path(path)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
 from lawm.data.video import VideoError
-from lawm.files import atomic_write_json, read_json_object, sweep_temporaries
+from lawm.files import atomic_write_json, atomic_write_parquet, read_json_object, sweep_temporaries
 from pipelines.clipper import failure_row, process_source, resume_row
 from pipelines.progress import progress_bar
 from pipelines.shards import list_shards, pack, packed_sources
@@ -264,9 +264,9 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
     failures = pd.DataFrame([{k: r.get(k) for k in FAILURE_COLUMNS} for r in rows if r["status"] != "ok"],
                             columns=FAILURE_COLUMNS)
     dup_table = pd.DataFrame(duplicates, columns=DUPLICATE_COLUMNS)
-    clips.to_parquet(output / "clips.parquet", index=False)
-    failures.to_parquet(output / "failures.parquet", index=False)
-    dup_table.to_parquet(output / "duplicates.parquet", index=False)
+    atomic_write_parquet(output / "clips.parquet", clips)
+    atomic_write_parquet(output / "failures.parquet", failures)
+    atomic_write_parquet(output / "duplicates.parquet", dup_table)
     seconds_in = sum(r["seconds_in"] for r in ok.values())
     frames_out = sum(r["frames_out"] for r in ok.values())
     summary = {

@@ -48,3 +48,17 @@ def test_the_written_file_is_complete_and_replaces_the_old(tmp_path):
     with atomic_file(target) as fh:
         fh.write(b"2" * 5)
     assert target.read_bytes() == b"22222" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_parquet_round_trip_and_a_failed_write_keeps_the_old_table(tmp_path):
+    import pandas as pd
+
+    from lawm.files import atomic_write_parquet
+
+    path = tmp_path / "t.parquet"
+    atomic_write_parquet(path, pd.DataFrame({"key": ["a", "b"], "n": [1, 2]}))
+    bad = pd.DataFrame({"x": [object()]})  # pyarrow cannot write an arbitrary object: the write fails midway
+    with pytest.raises(Exception):
+        atomic_write_parquet(path, bad)
+    assert pd.read_parquet(path).to_dict("list") == {"key": ["a", "b"], "n": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]

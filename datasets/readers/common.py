@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lawm.data.video import write_video
+from lawm.files import atomic_write_parquet
 
 
 class EpisodeError(Exception):
@@ -121,9 +122,9 @@ def write_sidecar(video: Path, t: np.ndarray, labels: dict[str, np.ndarray]) -> 
 def finish(out: Path, rows: list[dict], failures: list[dict[str, str]]) -> ReaderResult:
     manifest = out / "manifest.parquet"
     columns = ["path", "split", "episode", "domain"]
-    pd.DataFrame(rows, columns=None if rows else columns).to_parquet(manifest, index=False)
+    atomic_write_parquet(manifest, pd.DataFrame(rows, columns=None if rows else columns))
     if failures:
-        pd.DataFrame(failures).to_parquet(out / "failures.parquet", index=False)
+        atomic_write_parquet(out / "failures.parquet", pd.DataFrame(failures))
     return ReaderResult(manifest, len({r["episode"] for r in rows}), len(rows), failures)
 
 
