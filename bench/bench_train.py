@@ -147,9 +147,10 @@ def main(steps: int = 120) -> dict:
     train = TrainConfig(steps=steps, batch_size=16, log_every=20, ckpt_every=steps, loader_workers=1, shuffle=64,
                         optim=OptimConfig(lr=1e-3))
     with tempfile.TemporaryDirectory() as tmp:
-        job = TrainJob("bench", build_lam, {"lam_cfg": lam, "window": 4}, train,
-                       ScalingSection(num_workers=1, cpus_per_worker=CPUS), shard_urls(feats["features"], "train"),
-                       [], "features", tmp)
+        job = TrainJob(stage="bench", build=build_lam, build_kwargs={"lam_cfg": lam, "window": 4}, train=train,
+                       scaling=ScalingSection(num_workers=1, cpus_per_worker=CPUS),
+                       train_urls=shard_urls(feats["features"], "train"), val_urls=[], data_kind="features",
+                       out_dir=tmp)
         # bare PyTorch: the same objective, loader and loop, no Ray
         torch.set_num_threads(CPUS)
         ds, loader = _loader(job, job.train_urls, train.shuffle, repeat=True)

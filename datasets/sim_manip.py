@@ -28,7 +28,7 @@ WORKSPACE_HI = np.array([0.75, 0.30, 0.35])
 TABLE_Z = -0.626  # table base so that its top is at z = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ManipConfig:
     enabled: bool = True
     episodes: int = 8

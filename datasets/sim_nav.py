@@ -21,7 +21,7 @@ SUBSTEPS = 4
 DOMAIN = 1  # seeds differ from the manipulation simulator's
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NavConfig:
     enabled: bool = True
     episodes: int = 8

@@ -12,7 +12,7 @@ from lawm.config import require
 from lawm_datasets import sim_manip, sim_nav
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SimulateConfig:
     nav: sim_nav.NavConfig = field(default_factory=sim_nav.NavConfig)
     manip: sim_manip.ManipConfig = field(default_factory=sim_manip.ManipConfig)

@@ -23,7 +23,7 @@ WORLD_HALF = 1.4  # distractors wrap here; the view never reaches it (pan <= 0.3
 SHAPES = ("circle", "square", "diamond", "triangle")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SyntheticConfig:
     n_videos: int = 24
     seconds: float = 8.0

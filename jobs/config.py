@@ -21,7 +21,7 @@ from jobs.stages import IngestSimConfig
 from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
     root: str = "runs/demo"  # every stage writes <root>/<stage>/; MLflow's sqlite store sits in <root>
     name: str = "lawm"  # the parent MLflow run is named <name>-<timestamp>
@@ -43,7 +43,7 @@ def in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     stages: list[str] = field(default_factory=list)  # empty = every registered stage

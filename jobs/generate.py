@@ -13,7 +13,7 @@ from lawm.files import atomic_write_parquet
 REAL_SAMPLES = ("bikes.mp4", "carphone_pristine.mp4")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     real_samples: bool = True

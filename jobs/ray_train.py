@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from lawm.config import require
 from lawm.training.loop import Trainer, TrainConfig, set_rng_state, to_device
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScalingSection:
     num_workers: int = 1
     use_gpu: bool = False
@@ -40,7 +41,7 @@ class ScalingSection:
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainJob:
     """Everything a worker needs, all picklable."""
     stage: str
@@ -139,7 +140,9 @@ def train_worker(config: dict) -> None:
             log(metrics, step)
             _progress(job, {"event": "log", "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "pred_loss", "samples_per_s") if k in metrics)
-            print(f"[{job.stage}] step {step}/{job.train.steps} {shown}", flush=True)
+            # not print(): Ray Train patches it to log *and* echo, which showed every line twice in the driver
+            sys.stdout.write(f"[{job.stage}] step {step}/{job.train.steps} {shown}\n")
+            sys.stdout.flush()
 
     def on_checkpoint(state: dict, step: int, metrics: dict) -> None:
         state = {**state, "rng_ranks": _gather_rng(state["rng"], world)}

@@ -7,7 +7,6 @@ attempt was configured with, so a resumable stage resumes only work made with th
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,12 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lawm.config import ConfigError, config_hash, to_dict
-from lawm.files import atomic_write_json
+from lawm import provenance
+from lawm.files import atomic_write_json, read_json_object
 
 from jobs import tracking
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageContext:
     name: str
     out_dir: Path
@@ -58,8 +58,7 @@ class StageResult:
 
 
 def marker(root: Path, name: str) -> dict | None:
-    path = root / name / "_stage.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json_object(root / name / "_stage.json")
 
 
 def check_inputs(cfg: Any, stages: list[Stage], selected: list[str]) -> None:
@@ -114,18 +113,18 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
     # a forced or changed upstream stage makes every dependant rerun instead of trusting outputs made from the old.
     ihash = config_hash({n: (m["config_hash"], m["inputs_hash"], m["mlflow_run_id"]) for n, m in upstream.items()},
                         stage.external(section))
+    identity = provenance.digest(chash, ihash)
     out_dir = root / stage.name
     done = marker(root, stage.name)
-    if not force and done and done["config_hash"] == chash and done["inputs_hash"] == ihash:
+    if not force and provenance.matches(out_dir / "_stage.json", identity):
         echo(f"[{stage.name}] skipped: outputs in {out_dir} match this config and inputs ({chash})")
         tracking.set_tag(f"lawm.skipped.{stage.name}", done.get("mlflow_run_id", ""))
         return StageResult(stage.name, "skipped", done["outputs"])
     pending_path = out_dir / "_pending.json"
-    pending = json.loads(pending_path.read_text()) if pending_path.exists() else None
-    keep = stage.resumable and not force and pending == {"config_hash": chash, "inputs_hash": ihash}
+    keep = stage.resumable and not force and provenance.matches(pending_path, identity)
     if out_dir.exists() and not keep:
         shutil.rmtree(out_dir)
-    atomic_write_json(pending_path, {"config_hash": chash, "inputs_hash": ihash})
+    provenance.record(pending_path, identity, config_hash=chash, inputs_hash=ihash)
     (out_dir / "_stage.json").unlink(missing_ok=True)
 
     echo(f"[{stage.name}] running → {out_dir}")
@@ -133,8 +132,9 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
         "lawm.config_hash": chash, "lawm.inputs_hash": ihash, "lawm.git_commit": commit,
         "mlflow.source.git.commit": commit, "lawm.output_dir": str(out_dir)})
     tracking.log_stage_fields(cfg, stage=stage.name, upstream=list(upstream))
-    ctx = StageContext(stage.name, out_dir, root, upstream, cfg.run.seed, uri, run.info.run_id,
-                       tracking.log_metrics, tracking.log_artifact)
+    ctx = StageContext(name=stage.name, out_dir=out_dir, root=root, inputs=upstream, seed=cfg.run.seed,
+                       tracking_uri=uri, mlflow_run_id=run.info.run_id, log_metrics=tracking.log_metrics,
+                       log_artifact=tracking.log_artifact)
     t0 = time.perf_counter()
     try:
         outputs = stage.run(section, ctx) or {}
@@ -145,7 +145,7 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
         raise
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"stage_seconds": seconds, **outputs.get("metrics", {})})
-    record = {"stage": stage.name, "config_hash": chash, "inputs_hash": ihash, "outputs": outputs,
+    record = {"hash": identity, "stage": stage.name, "config_hash": chash, "inputs_hash": ihash, "outputs": outputs,
               "mlflow_run_id": run.info.run_id, "parent_run_id": parent_id, "git_commit": commit,
               "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(out_dir / "_stage.json", record)

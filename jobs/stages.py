@@ -57,7 +57,7 @@ def run_simulate_stage(cfg: SimulateConfig, ctx: StageContext) -> dict:
     return {**{k: v for k, v in outputs.items() if k.endswith("_manifest")}, "metrics": counts}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestSimConfig(IngestConfig):
     """`ingest_sim`: the same ingest, with defaults for the controller's clips: 8 frames at the simulators' 4 fps."""
     clip_frames: int = 8

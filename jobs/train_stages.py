@@ -29,7 +29,7 @@ from jobs.ray_train import ScalingSection, TrainJob, fit
 DOMAINS = ("nav", "manip")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainWMConfig:
     model: LAMConfig = field(default_factory=LAMConfig)  # feat_dim and grid come from the encode stage
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -38,7 +38,7 @@ class TrainWMConfig:
     run_name: str = "lam"  # rerunning with the same name resumes from the last checkpoint
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainDecoderConfig:
     model: DecoderConfig = field(default_factory=DecoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -46,7 +46,7 @@ class TrainDecoderConfig:
     run_name: str = "decoder"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActionData:
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     # per-domain scale bringing actions near unit size (Panda deltas are centimetres)
@@ -56,7 +56,7 @@ class ActionData:
         require(set(self.domains) <= set(DOMAINS), "domains", f"must be among {list(DOMAINS)}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainControllerConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)  # sizes; both kinds are trained
     data: ActionData = field(default_factory=ActionData)
@@ -65,7 +65,7 @@ class TrainControllerConfig:
     run_name: str = "controller"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainWMActionConfig:
     model: ActionWMConfig = field(default_factory=ActionWMConfig)
     data: ActionData = field(default_factory=ActionData)
@@ -96,11 +96,13 @@ def _encoded(ctx: StageContext) -> dict:
     return ctx.inputs["encode"]["outputs"]
 
 
-def _fit(ctx: StageContext, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
+def _fit(ctx: StageContext, *, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
          scaling: ScalingSection, shards: str | Path, kind: str, run_name: str) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    job = TrainJob(name, build, kwargs, train, scaling, shard_urls(shards, "train"), _maybe_urls(shards, "val"),
-                   kind, str(stage_dir), ctx.seed, ctx.tracking_uri, ctx.mlflow_run_id)
+    job = TrainJob(stage=name, build=build, build_kwargs=kwargs, train=train, scaling=scaling,
+                   train_urls=shard_urls(shards, "train"), val_urls=_maybe_urls(shards, "val"), data_kind=kind,
+                   out_dir=str(stage_dir), seed=ctx.seed, tracking_uri=ctx.tracking_uri,
+                   mlflow_run_id=ctx.mlflow_run_id)
     result = fit(job, run_name)
     picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=name)
     ctx.log_artifact(picture, "plots")
@@ -118,8 +120,9 @@ def _maybe_urls(shards: str | Path, split: str) -> list[str]:
 def run_train_wm(cfg: TrainWMConfig, ctx: StageContext) -> dict:
     enc = _encoded(ctx)
     lam_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"])
-    result = _fit(ctx, ctx.out_dir, "train_wm", build_lam, {"lam_cfg": lam_cfg, "window": cfg.window}, cfg.train,
-                  cfg.scaling, enc["features"], "features", cfg.run_name)
+    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_wm", build=build_lam,
+                  kwargs={"lam_cfg": lam_cfg, "window": cfg.window}, train=cfg.train, scaling=cfg.scaling,
+                  shards=enc["features"], kind="features", run_name=cfg.run_name)
     return {"model": result["models"]["lam"], "checkpoint": result["checkpoint"], "metrics": result["eval"]}
 
 
@@ -129,8 +132,9 @@ def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
     dec_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"],
                                   image_size=enc_cfg.image_size, tubelet=enc["tubelet"])
     shards = ctx.upstream("ingest", "shards")
-    result = _fit(ctx, ctx.out_dir, "train_decoder", build_decoder, {"dec_cfg": dec_cfg, "enc_cfg": enc_cfg},
-                  cfg.train, cfg.scaling, shards, "clips", cfg.run_name)
+    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_decoder", build=build_decoder,
+                  kwargs={"dec_cfg": dec_cfg, "enc_cfg": enc_cfg}, train=cfg.train, scaling=cfg.scaling,
+                  shards=shards, kind="clips", run_name=cfg.run_name)
     picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_wm", "model"), enc_cfg, shards,
                                  ctx.out_dir / "predictions.png")
     ctx.log_artifact(picture, "plots")
@@ -181,8 +185,9 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
         if not shards:
             continue
         kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale.get(domain, 1.0))
-        result = _fit(ctx, ctx.out_dir / domain, f"{stage}_{domain}", build, kwargs, cfg.train, cfg.scaling, shards,
-                      "features", f"{cfg.run_name}_{domain}")
+        result = _fit(ctx, stage_dir=ctx.out_dir / domain, name=f"{stage}_{domain}", build=build, kwargs=kwargs,
+                      train=cfg.train, scaling=cfg.scaling, shards=shards, kind="features",
+                      run_name=f"{cfg.run_name}_{domain}")
         outputs.update({f"{domain}_{name}": path for name, path in result["models"].items()})
         outputs["metrics"].update({f"{domain}_{k}": v for k, v in result["eval"].items()})
     (ctx.out_dir / "summary.json").write_text(json.dumps(outputs, indent=1))

@@ -13,7 +13,7 @@ from typing import Any
 from lawm.config import ConfigError, from_dict, parse_overrides
 
 
-def run_cli(argv: list[str] | None, prog: str, doc: str, config_cls: type, section: str, input_help: str,
+def run_cli(argv: list[str] | None, *, prog: str, doc: str, config_cls: type, section: str, input_help: str,
             run: Callable[[Any, str, str, bool], dict], show: tuple[str, ...], wrote: Callable[[dict, str], str]) -> int:
     """Parse the arguments, build `config_cls` strictly (errors name `section.key`), call
     `run(cfg, input, output, progress)` and print the summary keys in `show`."""

@@ -39,9 +39,10 @@ from typing import Literal
 
 import numpy as np
 
-from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
+from lawm.config import ConfigError, from_dict, require, to_dict
 from lawm.models.encoders import EncoderConfig
-from lawm.files import atomic_file, atomic_write_json
+from lawm import provenance
+from lawm.files import atomic_file, atomic_write_json, read_json_object, sweep_temporaries
 from pipelines.progress import progress_bar
 from pipelines.shards import add_member, list_shards, shard_name, shard_split
 
@@ -50,7 +51,7 @@ PASS_THROUGH = ("json", "labels.npz")
 READ_CHUNK = 32  # clips per read task at most
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncodeConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     batch_size: int = 16  # clips per encoder forward
@@ -338,21 +339,20 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
     digest, tensors = encoder_digest(encoder), encoder_digest(encoder, per_tensor=True)
     info = encoder_info(encoder, cfg, digest)
     listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in all_inputs]
-    settings = config_hash({k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "actors",
-                            "num_gpus_per_actor", "cpus_per_actor")}, digest, listing)
+    settings = provenance.digest({k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "actors",
+                                  "num_gpus_per_actor", "cpus_per_actor")}, digest, listing)
     feat_dir, summary_path = out_dir / "features", out_dir / "features.json"
-    if summary_path.exists():
-        done = json.loads(summary_path.read_text())
+    done = read_json_object(summary_path)  # written last: a finished run (an unreadable one is redone)
+    if done is not None:
         names = [n for names in done.get("shards", {}).values() for n in names]
         if done.get("settings_hash") == settings and all((feat_dir / n).exists() for n in names):
             return {**done, "features": str(feat_dir), "skipped": True}
     marker = feat_dir / ".settings.json"
-    if feat_dir.exists() and (not marker.exists() or json.loads(marker.read_text()).get("hash") != settings):
+    if feat_dir.exists() and not provenance.matches(marker, settings):
         shutil.rmtree(feat_dir)  # features of other settings or inputs must not mix with these
     summary_path.unlink(missing_ok=True)
-    atomic_write_json(marker, {"hash": settings, "config": to_dict(cfg)})
-    for stale in feat_dir.glob(".*.tmp"):
-        stale.unlink()
+    provenance.record(marker, settings, config=to_dict(cfg))
+    sweep_temporaries(feat_dir)
 
     frames = 16
     first = next(iter(_scan(all_inputs[0]).values()), {})
@@ -454,10 +454,11 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
 def main(argv: list[str] | None = None) -> int:
     from pipelines.cli import run_cli
 
-    return run_cli(argv, "python -m pipelines.encode", __doc__, EncodeConfig, "encode",
-                   "ingest's output folder (or its shards/ folder)",
-                   lambda cfg, inp, out, progress: run_encode(cfg, Path(inp), Path(out), progress=progress),
-                   ("counts", "dim", "grid_h", "grid_w", "tubelet", "skipped"), lambda summary, out: summary["features"])
+    return run_cli(argv, prog="python -m pipelines.encode", doc=__doc__, config_cls=EncodeConfig, section="encode",
+                   input_help="ingest's output folder (or its shards/ folder)",
+                   run=lambda cfg, inp, out, progress: run_encode(cfg, Path(inp), Path(out), progress=progress),
+                   show=("counts", "dim", "grid_h", "grid_w", "tubelet", "skipped"),
+                   wrote=lambda summary, out: summary["features"])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from typing import Optional
 
 import pandas as pd
 
-from lawm.config import ConfigError, config_hash, from_dict, require, to_dict
+from lawm.config import ConfigError, from_dict, require, to_dict
 from lawm.data.video import VideoError
+from lawm import provenance
 from lawm.files import atomic_write_json, atomic_write_parquet, read_json_object, sweep_temporaries
 from pipelines.clipper import failure_row, process_source, resume_row
 from pipelines.progress import progress_bar
@@ -43,7 +44,7 @@ FAILURE_COLUMNS = ["path", "sid", "stage", "error", "kind", "message"]
 DUPLICATE_COLUMNS = ["path", "start", "end", "sid", "duplicate_of"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestConfig:
     input: str = ""  # a folder or a manifest; empty = the output of the stage before (see jobs/stages.py)
     clip_frames: int = 16  # the paper: 16 frames at 4 fps
@@ -217,12 +218,11 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
 
     work = output / "_work"
     settings = work / "settings.json"
-    digest = config_hash({k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY},
-                         _input_identity(sources, inspected))
-    old = read_json_object(settings)
-    if old is None or old.get("hash") != digest:
+    identity = provenance.digest({k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY},
+                                 _input_identity(sources, inspected))
+    if not provenance.matches(settings, identity):
         _clear_outputs(output)  # clips cut with other settings or from another input must not mix with these
-    atomic_write_json(settings, {"hash": digest, "config": to_dict(cfg), "inputs": len(sources)})
+    provenance.record(settings, identity, config=to_dict(cfg), inputs=len(sources))
     sweep_temporaries(work)  # what workers of a killed run were writing
 
     # One source per distinct content (and segment): the first listing of it; later ones are duplicates.
@@ -293,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_dict(IngestConfig, {**to_dict(cfg), "input": inp}, prefix="ingest")
         return run_ingest(cfg, out, progress=progress)
 
-    return run_cli(argv, "python -m pipelines.ingest", __doc__, IngestConfig, "ingest",
-                   "a folder of videos or a CSV/parquet/JSONL manifest", run,
-                   ("inputs", "sources_ok", "sources_failed", "clips", "hours_in"), lambda summary, out: out)
+    return run_cli(argv, prog="python -m pipelines.ingest", doc=__doc__, config_cls=IngestConfig, section="ingest",
+                   input_help="a folder of videos or a CSV/parquet/JSONL manifest", run=run,
+                   show=("inputs", "sources_ok", "sources_failed", "clips", "hours_in"),
+                   wrote=lambda summary, out: out)
 
 
 if __name__ == "__main__":

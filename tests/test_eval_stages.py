@@ -72,7 +72,7 @@ def _ctx(tmp_path: Path, name: str, features: Path, lam: Path) -> StageContext:
               "train_wm": {"outputs": {"model": str(lam)}}}
     out = tmp_path / name
     out.mkdir()
-    return StageContext(name, out, tmp_path, inputs, 0)
+    return StageContext(name=name, out_dir=out, root=tmp_path, inputs=inputs, seed=0)
 
 
 @pytest.fixture()

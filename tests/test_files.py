@@ -62,3 +62,17 @@ def test_parquet_round_trip_and_a_failed_write_keeps_the_old_table(tmp_path):
         atomic_write_parquet(path, bad)
     assert pd.read_parquet(path).to_dict("list") == {"key": ["a", "b"], "n": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_provenance_matches_only_a_readable_marker_with_the_same_digest(tmp_path):
+    from lawm import provenance
+
+    marker = tmp_path / "out" / "settings.json"
+    identity = provenance.digest({"fps": 4}, [("a.mp4", 10)])
+    assert not provenance.matches(marker, identity)                      # missing
+    provenance.record(marker, identity, config={"fps": 4})
+    assert provenance.matches(marker, identity)
+    assert not provenance.matches(marker, provenance.digest({"fps": 8}, [("a.mp4", 10)]))  # other settings
+    assert not provenance.matches(marker, provenance.digest({"fps": 4}, [("b.mp4", 10)]))  # other inputs
+    marker.write_bytes(b"")                                              # a power cut
+    assert not provenance.matches(marker, identity)

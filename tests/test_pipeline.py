@@ -61,6 +61,12 @@ def test_pipeline_runs_skips_and_forces(tmp_path, ray_local, capsys):
     stages = [c.data.tags["lawm.stage"] for c in children4]
     assert stages.count("generate") == 2 and stages.count("ingest") == 4
 
+    # a marker cut short by a power loss means "not done": the stage is redone, the run does not crash
+    (root / "ingest" / "_stage.json").write_text('{"hash": "12')
+    assert main([*args, "ingest.stride=4"]) == 0
+    _, _, children5 = _runs(root)
+    assert [c.data.tags["lawm.stage"] for c in children5].count("ingest") == 5
+
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):
     root = tmp_path / "never"
@@ -88,9 +94,29 @@ TINY = [*SMALL, "generate.synthetic.n_videos=6", "simulate.nav.episodes=4", "sim
         "encode.encoder.patch_size=8", "train_wm.scaling.num_workers=1"]
 TINY += [f"{stage}.train.{k}={v}" for stage in ("train_wm", "train_decoder", "train_controller", "train_wm_action")
          for k, v in (("steps", 6), ("log_every", 3), ("ckpt_every", 6), ("batch_size", 4), ("loader_workers", 0))]
+TINY += ["train_wm.train.steps=40", "train_wm.train.log_every=5", "train_wm.train.ckpt_every=40",  # enough to learn
+         "eval_transfer.max_clips=4", "eval_transfer.max_counterfactuals=2",
+         "eval_planning.manip.episodes=1", "eval_planning.nav.episodes=1", "eval_planning.closed_loop.episodes=1",
+         "eval_planning.manip.cem={samples: 8, elites: 2, iterations: 2, horizon: 3}",
+         "eval_planning.nav.cem={samples: 8, elites: 2, iterations: 1, horizon: 8, hold: true}",
+         "eval_planning.closed_loop.nav_max_steps=2", "eval_planning.closed_loop.manip_max_steps=2",
+         "eval_planning.closed_loop.nav_cem={samples: 4, elites: 2, iterations: 1, horizon: 8, hold: true}",
+         "eval_planning.closed_loop.manip_cem={samples: 4, elites: 2, iterations: 1, horizon: 3}",
+         "eval_planning.frame_size=32", "eval_planning.nav_env.width=64", "eval_planning.nav_env.height=64",
+         "eval_planning.manip_env.width=64", "eval_planning.manip_env.height=64"]
+
+
+def _finite_model(path: str) -> bool:
+    import torch
+
+    from lawm.checkpoint import load_checkpoint
+
+    return all(torch.isfinite(t).all() for t in load_checkpoint(path)["state_dict"].values() if t.is_floating_point())
 
 
 def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
+    import math
+
     root = tmp_path / "all"
     assert main(["--config", str(CONFIG), f"run.root={root}", *TINY]) == 0
     from jobs.runner import marker
@@ -105,6 +131,26 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
     assert {"nav_action_wm", "manip_action_wm"} <= set(records["train_wm_action"]["outputs"])
     assert Path(records["train_decoder"]["outputs"]["predictions"]).stat().st_size > 0
     assert (root / "simulate" / "trajectories.png").stat().st_size > 0
+
+    # training learned: the world model's prediction loss fell, and every exported model is finite
+    logs = [json.loads(line) for line in (root / "train_wm" / "progress.jsonl").read_text().splitlines()]
+    losses = [e["pred_loss"] for e in logs if e.get("event") == "log"]
+    assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
+    models = [v for r in records.values() for k, v in r["outputs"].items()
+              if isinstance(v, str) and v.endswith(".pt")]
+    assert len(models) >= 7 and all(_finite_model(m) for m in models), models
+
+    # evaluation numbers exist and are finite, under the keys the issue names
+    metrics = {k: v for name in STAGE_NAMES if name.startswith("eval_")
+               for k, v in records[name]["outputs"]["metrics"].items()}
+    for key in ("leakage/error_nocut", "leakage/error_cut", "leakage/ratio", "leakage/vs_copy", "transfer/error",
+                "transfer/cycle_increase", "probe/r2", "planning/manip/delta_xyz", "planning/nav/ate",
+                "planning/nav/rpe", "planning/nav/closed_loop_success"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    report = Path(records["report"]["outputs"]["report_html"])
+    assert report.stat().st_size > 0 and "leakage" in report.read_text()
+
     # a stage without its inputs refuses to run instead of reading something else
     empty = tmp_path / "empty"
     assert main(["--config", str(CONFIG), f"run.root={empty}", "--stages", "train_wm"]) == 2

@@ -81,7 +81,8 @@ def test_report_errors_name_the_stage(tmp_path, report_run):
     out_dir, _ = report_run
     uri = f"sqlite:///{out_dir.parent / 'mlflow.db'}"
     inputs = {name: {"outputs": {}, "mlflow_run_id": "0" * 32} for name in FAKE}
-    ctx = StageContext("report", tmp_path / "report", tmp_path, inputs, 0, uri)
+    ctx = StageContext(name="report", out_dir=tmp_path / "report", root=tmp_path, inputs=inputs, seed=0,
+                       tracking_uri=uri)
     ctx.out_dir.mkdir()
     with pytest.raises(ValueError, match="MLflow run 0+ of `train_wm` is not in"):
         run_report(ReportConfig(), ctx)

@@ -46,8 +46,9 @@ def _job(features: dict, out: Path, steps: int, workers: int, ckpt_every: int, *
     train = TrainConfig(steps=steps, batch_size=4, log_every=2, ckpt_every=ckpt_every, loader_workers=0, shuffle=16,
                         optim=OptimConfig(lr=3e-3, warmup_frac=0.0))
     out.mkdir(parents=True, exist_ok=True)
-    return TrainJob("test", build_lam, {"lam_cfg": lam, "window": 0}, train, ScalingSection(num_workers=workers),
-                    shard_urls(features["features"], "train"), [], "features", str(out), **kw)
+    return TrainJob(stage="test", build=build_lam, build_kwargs={"lam_cfg": lam, "window": 0}, train=train,
+                    scaling=ScalingSection(num_workers=workers), train_urls=shard_urls(features["features"], "train"),
+                    val_urls=[], data_kind="features", out_dir=str(out), **kw)
 
 
 def _events(out: Path) -> list[dict]:
@@ -121,8 +122,9 @@ def _probe_job(features: dict, out: Path, steps: int) -> TrainJob:
     train = TrainConfig(steps=steps, batch_size=2, log_every=2, ckpt_every=4, loader_workers=0, shuffle=4,
                         optim=OptimConfig(lr=1e-2, warmup_frac=0.0))
     out.mkdir(parents=True, exist_ok=True)
-    return TrainJob("probe", build_probe, {"out_dir": str(out), "steps": steps}, train, ScalingSection(num_workers=2),
-                    shard_urls(features["features"], "train"), [], "features", str(out), seed=5)
+    return TrainJob(stage="probe", build=build_probe, build_kwargs={"out_dir": str(out), "steps": steps}, train=train,
+                    scaling=ScalingSection(num_workers=2), train_urls=shard_urls(features["features"], "train"),
+                    val_urls=[], data_kind="features", out_dir=str(out), seed=5)
 
 
 def _draws(out: Path, rank: int) -> dict[int, dict]:

@@ -16,7 +16,7 @@ from lawm.models.lam import eval_mode
 from lawm.models.world_model import WorldModel, WorldModelConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActionWMConfig:
     feat_dim: int = 48
     grid_h: int = 8

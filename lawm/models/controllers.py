@@ -21,7 +21,7 @@ from lawm.config import require
 from lawm.models.layers import CrossAttention, Transformer, _init_linear
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ControllerConfig:
     kind: Literal["mlp", "cross_attention"] = "cross_attention"
     action_dim: int = 7

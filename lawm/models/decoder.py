@@ -16,7 +16,7 @@ from lawm.config import require
 from lawm.models.layers import Transformer, _init_linear
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderConfig:
     feat_dim: int = 48
     grid_h: int = 8

@@ -31,7 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncoderConfig:
     kind: Literal["patch", "timm", "vjepa2"] = "patch"
     image_size: int = 32  # frames are resized (bilinear, frame by frame) to this square size if they differ

@@ -19,7 +19,7 @@ from lawm.models.layers import Transformer
 PRESETS: dict[str, tuple[int, int, int]] = {"tiny": (64, 2, 4), "S": (384, 4, 6), "B": (768, 6, 12), "L": (1024, 6, 16)}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IDMConfig:
     """Shape = the preset of `size`, overridden field by field by width/depth/heads when set (None = preset);
     resolved at build time (`resolved()`), so replacing `size` always means that preset's shape."""

@@ -21,7 +21,7 @@ from lawm.models.regularizers import RegConfig, build_regularizer
 from lawm.models.world_model import WorldModel, WorldModelConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LAMConfig:
     feat_dim: int = 48  # D of the encoder (encoder.dim)
     grid_h: int = 8  # encoder.grid

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lawm.config import require
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RegConfig:
     kind: Literal["sparse", "noisy", "discrete", "none"] = "noisy"
     # sparse: capacity knob l1; fixed weights from the paper

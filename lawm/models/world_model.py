@@ -25,7 +25,7 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WorldModelConfig:
     """Shape = the preset of `size`, field by field overridden by width/depth/heads/cond_width when set.
 

@@ -30,7 +30,7 @@ from lawm.config import require
 from lawm.training.optim import OptimConfig, build_optimizers, build_schedulers
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 32  # per worker

@@ -35,7 +35,7 @@ def muon_module_types() -> tuple[type[nn.Module], ...]:
     return Attention, CrossAttention, Mlp
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     lr: float = 6.25e-4  # AdamW learning rate (paper: 6.25e-4 at batch 1024)
