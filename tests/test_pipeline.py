@@ -88,7 +88,9 @@ def test_typed_errors_name_the_key(override, message, capsys):
     assert message in capsys.readouterr().err
 
 
-TINY = [*SMALL, "generate.synthetic.n_videos=6", "simulate.nav.episodes=4", "simulate.manip.episodes=4",
+TINY = [*SMALL, "generate.synthetic.n_videos=6", "generate.synthetic.val_fraction=0.3",  # two held-out videos
+        "simulate.nav.episodes=4", "simulate.nav.val_fraction=0.5", "simulate.manip.episodes=4",
+        "simulate.manip.val_fraction=0.5",
         "simulate.nav.steps=24", "simulate.manip.steps=24", "simulate.nav.width=64", "simulate.nav.height=64",
         "simulate.manip.width=64", "simulate.manip.height=64", "ingest_sim.size=32", "ingest_sim.min_shards=1",
         "encode.encoder.patch_size=8", "train_wm.scaling.num_workers=1"]
