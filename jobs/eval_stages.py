@@ -11,8 +11,6 @@ written into an upstream stage's folder. Metric keys:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,7 +23,7 @@ from lawm.config import require
 from lawm.eval import leakage, probe, transfer
 from lawm.eval.common import FeatureSet, load_features, partner_index
 from lawm.models.encoders import EncoderConfig
-from lawm.files import atomic_write_json
+from lawm.files import atomic_file, atomic_write_json
 
 from jobs.runner import StageContext
 
@@ -110,13 +108,6 @@ def clip_pixels(shards: str, split: str, keys: list[str], encoder) -> torch.Tens
         raise ValueError(f"{len(missing)} clips of the features are not in the ingest shards {shards}, "
                          f"e.g. {missing[0]}")
     return torch.stack([found[k] for k in keys])
-
-
-def _atomic_path(path: Path):
-    """A temp name beside `path` for writers that take a file name; rename it into place after."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _to_img(frames: torch.Tensor) -> np.ndarray:
@@ -220,12 +211,8 @@ def write_gif(columns: dict[str, np.ndarray], path: Path, fps: float, scale: int
                 tile = Image.fromarray(img).resize((cell_w, cell_h), Image.NEAREST)
                 canvas.paste(tile, (x0, head + gap + r * (cell_h + gap)))
         frames.append(canvas)
-    tmp = _atomic_path(path)
-    try:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as fh:
+        frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return path
 
 

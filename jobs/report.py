@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lawm.config import require
+from lawm.files import atomic_write_bytes
 
 from jobs.runner import StageContext
 
@@ -271,18 +272,8 @@ def render(title: str, tabs, runs: dict[str, StageRun], listing: list[dict], md_
     body += ["<h2>Runs</h2>", _html_table(runs_header, run_rows)]
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    _write_text(md_path, "\n".join(md))
-    _write_text(html_path, page)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(md_path, "\n".join(md).encode())
+    atomic_write_bytes(html_path, page.encode())
 
 
 def report_inputs(registered: list[str]) -> list[str]:

@@ -116,7 +116,7 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
     identity = provenance.digest(chash, ihash)
     out_dir = root / stage.name
     done = marker(root, stage.name)
-    if not force and provenance.matches(out_dir / "_stage.json", identity):
+    if not force and provenance.record_matches(done, identity):
         echo(f"[{stage.name}] skipped: outputs in {out_dir} match this config and inputs ({chash})")
         tracking.set_tag(f"lawm.skipped.{stage.name}", done.get("mlflow_run_id", ""))
         return StageResult(stage.name, "skipped", done["outputs"])

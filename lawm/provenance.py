@@ -21,7 +21,11 @@ def digest(*parts: Any) -> str:
 
 
 def matches(marker: str | Path, expected: str) -> bool:
-    record = read_json_object(marker)
+    return record_matches(read_json_object(marker), expected)
+
+
+def record_matches(record: dict | None, expected: str) -> bool:
+    """The same test on a marker already read (None: missing or unreadable)."""
     return record is not None and record.get("hash") == expected
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from jobs.config import PipelineConfig, RunConfig
-from jobs.report import ReportConfig, _write_text, rendered_dom, report_inputs, run_report, screenshot
+from jobs.report import ReportConfig, rendered_dom, report_inputs, run_report, screenshot
 from jobs.runner import Stage, StageContext, run_pipeline
 
 FAKE = {
@@ -89,12 +89,3 @@ def test_report_errors_name_the_stage(tmp_path, report_run):
     del inputs["eval_probe"]
     with pytest.raises(ValueError, match=r"needs the runs of \['eval_probe'\]"):
         run_report(ReportConfig(), ctx)
-
-
-def test_report_files_are_replaced_whole(tmp_path):
-    target = tmp_path / "report.md"
-    _write_text(target, "first")
-    with pytest.raises(TypeError):
-        _write_text(target, None)  # fails after the temp file was opened: the old file stays, no temp is left
-    assert target.read_text() == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
