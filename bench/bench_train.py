@@ -104,7 +104,7 @@ class PreGuardTrainer(Trainer):
 
 def guard_overhead(rounds: int = 12, steps: int = 20, batch: int = 16, threads: int = CPUS) -> dict:
     """Step time of the guarded loop ÷ the pre-guard loop: the tiny preset (noisy regulariser, the demo's 8x8 grid
-    of 48-d patch features, 4-step windows as train_wm uses) on the same in-memory batches, fresh trainers with
+    of 48-d patch features, 4-step windows as train_lam uses) on the same in-memory batches, fresh trainers with
     the same seed, alternating which goes first; each fit of `steps` steps logs once and checkpoints once (a
     real run checkpoints every 500 steps, so the guard's weight check weighs more here than it does there).
     On a machine shared with other jobs use threads=1: oversubscribed OpenMP threads made a 2-thread run >30x

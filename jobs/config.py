@@ -18,7 +18,7 @@ from jobs.eval_stages import EvalLeakageConfig, EvalProbeConfig, EvalTransferCon
 from jobs.generate import GenerateConfig
 from jobs.report import ReportConfig
 from jobs.stages import IngestSimConfig
-from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainWMConfig
+from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWMActionConfig, TrainLAMConfig
 
 
 @dataclass(kw_only=True)
@@ -52,7 +52,7 @@ class PipelineConfig:
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     ingest_sim: IngestSimConfig = field(default_factory=IngestSimConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
-    train_wm: TrainWMConfig = field(default_factory=TrainWMConfig)
+    train_lam: TrainLAMConfig = field(default_factory=TrainLAMConfig)
     train_decoder: TrainDecoderConfig = field(default_factory=TrainDecoderConfig)
     train_controller: TrainControllerConfig = field(default_factory=TrainControllerConfig)
     train_wm_action: TrainWMActionConfig = field(default_factory=TrainWMActionConfig)

@@ -1,7 +1,7 @@
 """Stage `eval_planning`: plan with the latent action world model through the controller, against baselines.
 
 Inputs: `encode` (held-out feature shards of the simulated domains, the encoder config), `simulate` (the size the
-episodes were rendered at), `train_wm` (the latent action world model), `train_controller` (real action -> latent),
+episodes were rendered at), `train_lam` (the latent action world model), `train_controller` (real action -> latent),
 `train_wm_action` (the action-conditioned world model, the upper bound). Per domain:
 
 - **manip offline** (jepa-wms DROID protocol): 4-frame windows at 4 fps cut from held-out episodes; context = the
@@ -198,7 +198,7 @@ class DomainModels:
 
 def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMConfig, cost: str) -> DomainModels:
     ctrl_key = f"{domain}_controller_{cfg.controller}"
-    lam = load_model(ctx.upstream("train_wm", "model"))
+    lam = load_model(ctx.upstream("train_lam", "model"))
     controller = load_model(ctx.upstream("train_controller", ctrl_key))
     action_wm = load_model(ctx.upstream("train_wm_action", f"{domain}_action_wm"))
     scale = cfg.action_scale[domain]

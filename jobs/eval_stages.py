@@ -1,4 +1,4 @@
-"""Evaluation stages: eval_leakage, eval_transfer, eval_probe — the trained latent action world model (train_wm) on
+"""Evaluation stages: eval_leakage, eval_transfer, eval_probe — the trained latent action world model (train_lam) on
 held-out clips, every number beside its baselines (copy, zero z, random z, shifted z; see lawm/eval/common.py).
 
 Each stage reads only its declared upstream outputs, writes `<stage>/metrics.json` (the metrics it returns, written
@@ -120,7 +120,7 @@ def _to_img(frames: torch.Tensor) -> np.ndarray:
 def run_eval_leakage(cfg: EvalLeakageConfig, ctx: StageContext) -> dict:
     from jobs.plots import frame_grid
 
-    lam = load_model(ctx.upstream("train_wm", "model")).eval()
+    lam = load_model(ctx.upstream("train_lam", "model")).eval()
     fs = load_features(_features_path(ctx, "wild"), cfg.split, cfg.max_clips, ctx.seed)
     cut = cfg.cut or fs.feats.shape[1] // 2
     partner = partner_index(fs.sources)
@@ -217,7 +217,7 @@ def write_gif(columns: dict[str, np.ndarray], path: Path, fps: float, scale: int
 
 
 def run_eval_transfer(cfg: EvalTransferConfig, ctx: StageContext) -> dict:
-    lam = load_model(ctx.upstream("train_wm", "model")).eval()
+    lam = load_model(ctx.upstream("train_lam", "model")).eval()
     tubelet = int(ctx.inputs["encode"]["outputs"]["tubelet"])
     gen = torch.Generator().manual_seed(ctx.seed)
     metrics, outputs = {}, {}
@@ -281,7 +281,7 @@ def _latents(lam, feats: torch.Tensor, chunk: int = 64) -> torch.Tensor:
 
 
 def run_eval_probe(cfg: EvalProbeConfig, ctx: StageContext) -> dict:
-    lam = load_model(ctx.upstream("train_wm", "model")).eval()
+    lam = load_model(ctx.upstream("train_lam", "model")).eval()
     tubelet = int(ctx.inputs["encode"]["outputs"]["tubelet"])
     metrics: dict = {}
     scatter: dict = {}

@@ -32,23 +32,25 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from jobs.config import PipelineConfig
-    from jobs.stages import STAGE_NAMES, STAGES
+    from jobs.stages import RENAMED_STAGES, STAGE_NAMES, STAGES, canonical_stages
 
     try:
-        cfg = load(PipelineConfig, args.config, args.overrides)
+        cfg = load(PipelineConfig, args.config, args.overrides, renamed=RENAMED_STAGES)
         if args.print_config:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        selected = [s for s in args.stages.split(",") if s] or cfg.stages or STAGE_NAMES
+        selected = canonical_stages([s for s in args.stages.split(",") if s] or cfg.stages) or STAGE_NAMES
         unknown = [s for s in selected if s not in STAGE_NAMES]
         if unknown:
             raise ConfigError(f"stages: unknown {unknown} (known: {', '.join(STAGE_NAMES)})")
+        from jobs.console import quiet_ray_noise
         from jobs.runner import check_inputs, run_pipeline
         from pipelines.ray_env import ensure_ray
 
         check_inputs(cfg, STAGES, selected)
-        ensure_ray(cfg.run.num_cpus)
-        results = run_pipeline(cfg, STAGES, selected, force=args.force)
+        with quiet_ray_noise():
+            ensure_ray(cfg.run.num_cpus)
+            results = run_pipeline(cfg, STAGES, selected, force=args.force)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -26,8 +26,8 @@ from lawm.files import atomic_write_bytes
 
 from jobs.runner import StageContext
 
-# Stages whose runs the report reads, when registered; train_wm and the three evaluations must have run.
-REQUIRED = ("train_wm", "eval_leakage", "eval_transfer", "eval_probe")
+# Stages whose runs the report reads, when registered; train_lam and the three evaluations must have run.
+REQUIRED = ("train_lam", "eval_leakage", "eval_transfer", "eval_probe")
 OPTIONAL = ("train_decoder", "train_controller", "train_wm_action", "eval_planning")
 
 # The paper's numbers (arXiv 2601.05230, as transcribed in ../shared/PAPER.md). Table 1 and 2: LPIPS; S1: LPIPS
@@ -137,8 +137,8 @@ def _model_name(wm: StageRun) -> str:
 def tables(runs: dict[str, StageRun], paper: bool) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) for each table."""
     get = lambda stage, key: runs[stage].metrics.get(key) if stage in runs else None  # noqa: E731
-    model = _model_name(runs["train_wm"]) if "train_wm" in runs else "?"
-    capacity = get("train_wm", "val_one_step_error")
+    model = _model_name(runs["train_lam"]) if "train_lam" in runs else "?"
+    capacity = get("train_lam", "val_one_step_error")
     out = []
 
     def cut_row(name, p):

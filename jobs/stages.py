@@ -19,7 +19,7 @@ from jobs.report import report_inputs, run_report
 from jobs.generate import run_generate
 from jobs.plots import trajectories
 from jobs.runner import Stage, StageContext
-from jobs.train_stages import run_train_controller, run_train_decoder, run_train_wm, run_train_wm_action
+from jobs.train_stages import run_train_controller, run_train_decoder, run_train_lam, run_train_wm_action
 
 
 def _ingest_input(cfg: IngestConfig, ctx: StageContext) -> str:
@@ -101,18 +101,27 @@ STAGES: list[Stage] = [
     Stage("simulate", run_simulate_stage),
     Stage("ingest_sim", run_ingest_sim_stage, inputs=lambda c: ["simulate"], resumable=True),
     Stage("encode", run_encode_stage, inputs=lambda c: ["ingest", "ingest_sim"], resumable=True),
-    Stage("train_wm", run_train_wm, inputs=lambda c: ["encode"], resumable=True),
-    Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode", "train_wm"], resumable=True),
-    Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_wm"], resumable=True),
+    Stage("train_lam", run_train_lam, inputs=lambda c: ["encode"], resumable=True),
+    Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode", "train_lam"], resumable=True),
+    Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_lam"], resumable=True),
     Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
-    Stage("eval_leakage", run_eval_leakage, inputs=lambda c: ["encode", "train_wm"] + (
+    Stage("eval_leakage", run_eval_leakage, inputs=lambda c: ["encode", "train_lam"] + (
         ["ingest", "train_decoder"] if c.eval_leakage.pixels else [])),
-    Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_wm", "ingest", "train_decoder"] + (
+    Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_lam", "ingest", "train_decoder"] + (
         [] if c.ingest.input else ["generate"])),
-    Stage("eval_probe", run_eval_probe, inputs=lambda c: ["encode", "train_wm"]),
+    Stage("eval_probe", run_eval_probe, inputs=lambda c: ["encode", "train_lam"]),
     Stage("eval_planning", run_eval_planning,  # after eval_probe, before report
-          inputs=lambda c: ["encode", "simulate", "ingest_sim", "train_wm", "train_controller", "train_wm_action"]),
+          inputs=lambda c: ["encode", "simulate", "ingest_sim", "train_lam", "train_controller", "train_wm_action"]),
     Stage("report", run_report, inputs=lambda c: report_inputs(STAGE_NAMES)),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
+
+# Stages renamed since users started typing them: the old name still works in --stages, in a config's `stages:` list,
+# as a config section and in overrides. `train_wm` trained the whole latent action model (IDM + regulariser + world
+# model), not only its inner world model `wm`; its outputs now live in <root>/train_lam/.
+RENAMED_STAGES = {"train_wm": "train_lam"}
+
+
+def canonical_stages(names: list[str]) -> list[str]:
+    return [RENAMED_STAGES.get(n, n) for n in names]

@@ -1,4 +1,4 @@
-"""Training stages: train_wm, train_decoder, train_controller, train_wm_action — each a Ray Train fit (jobs/ray_train.py)
+"""Training stages: train_lam, train_decoder, train_controller, train_wm_action — each a Ray Train fit (jobs/ray_train.py)
 of a lawm objective, reading only its declared upstream outputs (feature shards, model checkpoints)."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ DOMAINS = ("nav", "manip")
 
 
 @dataclass(kw_only=True)
-class TrainWMConfig:
+class TrainLAMConfig:
     model: LAMConfig = field(default_factory=LAMConfig)  # feat_dim and grid come from the encode stage
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -117,10 +117,10 @@ def _maybe_urls(shards: str | Path, split: str) -> list[str]:
         return []
 
 
-def run_train_wm(cfg: TrainWMConfig, ctx: StageContext) -> dict:
+def run_train_lam(cfg: TrainLAMConfig, ctx: StageContext) -> dict:
     enc = _encoded(ctx)
     lam_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"])
-    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_wm", build=build_lam,
+    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_lam", build=build_lam,
                   kwargs={"lam_cfg": lam_cfg, "window": cfg.window}, train=cfg.train, scaling=cfg.scaling,
                   shards=enc["features"], kind="features", run_name=cfg.run_name)
     return {"model": result["models"]["lam"], "checkpoint": result["checkpoint"], "metrics": result["eval"]}
@@ -135,7 +135,7 @@ def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
     result = _fit(ctx, stage_dir=ctx.out_dir, name="train_decoder", build=build_decoder,
                   kwargs={"dec_cfg": dec_cfg, "enc_cfg": enc_cfg}, train=cfg.train, scaling=cfg.scaling,
                   shards=shards, kind="clips", run_name=cfg.run_name)
-    picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_wm", "model"), enc_cfg, shards,
+    picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_lam", "model"), enc_cfg, shards,
                                  ctx.out_dir / "predictions.png")
     ctx.log_artifact(picture, "plots")
     return {"model": result["models"]["decoder"], "predictions": str(picture), "metrics": result["eval"]}
@@ -195,7 +195,7 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
 
 
 def run_train_controller(cfg: TrainControllerConfig, ctx: StageContext) -> dict:
-    lam_path = ctx.upstream("train_wm", "model")
+    lam_path = ctx.upstream("train_lam", "model")
     latent_dim = load_checkpoint(lam_path)["config"]["latent_dim"]
 
     def kwargs(enc, domain, adim, scale):

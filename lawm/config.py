@@ -10,6 +10,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -141,7 +142,23 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def rename_keys(data: dict[str, Any], renamed: Mapping[str, str], source: str) -> dict[str, Any]:
+    """Top-level keys under an old name move to the new one (a config written before a rename keeps working); both
+    names at once is an error rather than a silent choice."""
+    out = dict(data)
+    for old, new in renamed.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{source}: both `{old}` and `{new}` are given; `{old}` is the old name of `{new}`")
+            out[new] = out.pop(old)
+    return out
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *,
+         renamed: Mapping[str, str] | None = None) -> T:
+    """Build `cls` from a YAML file, then `key=value` overrides on top. `renamed` maps old top-level section names
+    to current ones, in the file and in the overrides alike."""
+    renamed = renamed or {}
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -152,8 +169,9 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
             raise ConfigError(f"config file {path}: not valid YAML ({err.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
-    data = deep_merge(data, parse_overrides(overrides or []))
-    return from_dict(cls, data)
+    data = rename_keys(data, renamed, f"config file {path}")
+    extra = rename_keys(parse_overrides(overrides or []), renamed, "overrides")
+    return from_dict(cls, deep_merge(data, extra))
 
 
 def config_hash(*parts: Any) -> str:
@@ -169,4 +187,4 @@ def require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load", "parse_overrides", "config_hash", "require", "typing"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load", "rename_keys", "parse_overrides", "config_hash", "require", "typing"]

@@ -69,7 +69,7 @@ def _npz(**arrays) -> bytes:
 def _ctx(tmp_path: Path, name: str, features: Path, lam: Path) -> StageContext:
     inputs = {"encode": {"outputs": {"features": str(features), "tubelet": 1, "dim": D, "grid_h": GRID,
                                      "grid_w": GRID}},
-              "train_wm": {"outputs": {"model": str(lam)}}}
+              "train_lam": {"outputs": {"model": str(lam)}}}
     out = tmp_path / name
     out.mkdir()
     return StageContext(name=name, out_dir=out, root=tmp_path, inputs=inputs, seed=0)

@@ -98,7 +98,7 @@ def test_every_regulariser_has_a_capacity_knob_that_exists():
 
 def test_stage_fields_follow_the_stage_and_what_it_reads():
     cfg = load(PipelineConfig, CONFIG, [])
-    tags, params = tracking.stage_fields(cfg, stage="train_wm", upstream=["encode"])
+    tags, params = tracking.stage_fields(cfg, stage="train_lam", upstream=["encode"])
     assert tags == {"lawm.pipeline": "demo"}
     assert params["lawm.regulariser"] == "noisy" and params["lawm.capacity_knob"] == "beta"
     assert float(params["lawm.capacity"]) == 1.0e-4  # demo.yaml's beta, not RegConfig's default
@@ -106,38 +106,38 @@ def test_stage_fields_follow_the_stage_and_what_it_reads():
     assert params["lawm.data"] == "generate" and Path(params["lawm.root"]).is_absolute()
 
     # the controller is described by the latent action model it was trained on
-    _, ctrl = tracking.stage_fields(cfg, stage="train_controller", upstream=["encode", "train_wm"])
+    _, ctrl = tracking.stage_fields(cfg, stage="train_controller", upstream=["encode", "train_lam"])
     assert {k: ctrl[k] for k in ("lawm.regulariser", "lawm.capacity", "lawm.encoder")} == \
            {k: params[k] for k in ("lawm.regulariser", "lawm.capacity", "lawm.encoder")}
     # stages before the encoder have neither
     _, ingest = tracking.stage_fields(cfg, stage="ingest", upstream=["generate"])
     assert not {"lawm.encoder", "lawm.regulariser", "lawm.capacity"} & set(ingest)
 
-    for overrides, knob, value in ((["train_wm.model.reg.kind=sparse", "train_wm.model.reg.l1=0.03"], "l1", "0.03"),
-                                   (["train_wm.model.reg.kind=discrete", "train_wm.model.reg.codebook_size=16"],
+    for overrides, knob, value in ((["train_lam.model.reg.kind=sparse", "train_lam.model.reg.l1=0.03"], "l1", "0.03"),
+                                   (["train_lam.model.reg.kind=discrete", "train_lam.model.reg.codebook_size=16"],
                                     "codebook_size", "16"),
-                                   (["train_wm.model.reg.kind=none"], "none", "none")):
+                                   (["train_lam.model.reg.kind=none"], "none", "none")):
         other = load(PipelineConfig, CONFIG, [*overrides, "run.seed=3", "ingest.input=/data/clips"])
-        _, p = tracking.stage_fields(other, stage="train_wm", upstream=["encode"])
+        _, p = tracking.stage_fields(other, stage="train_lam", upstream=["encode"])
         assert (p["lawm.capacity_knob"], p["lawm.capacity"], p["lawm.seed"]) == (knob, value, "3")
         assert p["lawm.data"] == "/data/clips"
 
 
 def test_child_runs_in_a_sqlite_store_can_be_told_apart(sqlite_root):
-    """Two pipelines that differ in regulariser and seed: their train_wm runs are found and split by these fields."""
+    """Two pipelines that differ in regulariser and seed: their train_lam runs are found and split by these fields."""
     tracking.setup(sqlite_root, "compare")
-    for name, overrides in (("a", ["train_wm.model.reg.kind=sparse", "run.seed=1"]),
-                            ("b", ["train_wm.model.reg.kind=discrete", "run.seed=2"])):
+    for name, overrides in (("a", ["train_lam.model.reg.kind=sparse", "run.seed=1"]),
+                            ("b", ["train_lam.model.reg.kind=discrete", "run.seed=2"])):
         cfg = load(PipelineConfig, CONFIG, [*overrides, f"run.name={name}", f"run.root={sqlite_root}"])
         with tracking.start_parent(f"{name}-parent", {}):
-            tracking.start_stage("train_wm", {"steps": 5}, {})
-            logged = tracking.log_stage_fields(cfg, stage="train_wm", upstream=["encode"])
+            tracking.start_stage("train_lam", {"steps": 5}, {})
+            logged = tracking.log_stage_fields(cfg, stage="train_lam", upstream=["encode"])
             tracking.end_run()
         assert logged["lawm.pipeline"] == name
 
     client = mlflow.MlflowClient(tracking.tracking_uri(sqlite_root))
     exp = client.get_experiment_by_name("compare").experiment_id
-    children = client.search_runs([exp], "tags.`lawm.stage` = 'train_wm'")
+    children = client.search_runs([exp], "tags.`lawm.stage` = 'train_lam'")
     assert len(children) == 2
     sparse = client.search_runs([exp], "params.`lawm.regulariser` = 'sparse'")
     assert len(sparse) == 1

@@ -93,10 +93,10 @@ TINY = [*SMALL, "generate.synthetic.n_videos=6", "generate.synthetic.val_fractio
         "simulate.manip.val_fraction=0.5",
         "simulate.nav.steps=24", "simulate.manip.steps=24", "simulate.nav.width=64", "simulate.nav.height=64",
         "simulate.manip.width=64", "simulate.manip.height=64", "ingest_sim.size=32", "ingest_sim.min_shards=1",
-        "encode.encoder.patch_size=8", "train_wm.scaling.num_workers=1"]
-TINY += [f"{stage}.train.{k}={v}" for stage in ("train_wm", "train_decoder", "train_controller", "train_wm_action")
+        "encode.encoder.patch_size=8", "train_lam.scaling.num_workers=1"]
+TINY += [f"{stage}.train.{k}={v}" for stage in ("train_lam", "train_decoder", "train_controller", "train_wm_action")
          for k, v in (("steps", 6), ("log_every", 3), ("ckpt_every", 6), ("batch_size", 4), ("loader_workers", 0))]
-TINY += ["train_wm.train.steps=40", "train_wm.train.log_every=5", "train_wm.train.ckpt_every=40",  # enough to learn
+TINY += ["train_lam.train.steps=40", "train_lam.train.log_every=5", "train_lam.train.ckpt_every=40",  # enough to learn
          "eval_transfer.max_clips=4", "eval_transfer.max_counterfactuals=2",
          "eval_planning.manip.episodes=1", "eval_planning.nav.episodes=1", "eval_planning.closed_loop.episodes=1",
          "eval_planning.manip.cem={samples: 8, elites: 2, iterations: 2, horizon: 3}",
@@ -126,16 +126,16 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
 
     records = {name: marker(root, name) for name in STAGE_NAMES}
     assert all(records.values()), [n for n, r in records.items() if r is None]
-    wm = records["train_wm"]["outputs"]
+    wm = records["train_lam"]["outputs"]
     ctrl = records["train_controller"]["outputs"]
-    # the controller was trained on the world model that train_wm declared, and its inputs hash says so
+    # the controller was trained on the world model that train_lam declared, and its inputs hash says so
     assert ctrl["lam"] == wm["model"] and Path(ctrl["nav_controller_mlp"]).exists()
     assert {"nav_action_wm", "manip_action_wm"} <= set(records["train_wm_action"]["outputs"])
     assert Path(records["train_decoder"]["outputs"]["predictions"]).stat().st_size > 0
     assert (root / "simulate" / "trajectories.png").stat().st_size > 0
 
     # training learned: the world model's prediction loss fell, and every exported model is finite
-    logs = [json.loads(line) for line in (root / "train_wm" / "progress.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for line in (root / "train_lam" / "progress.jsonl").read_text().splitlines()]
     losses = [e["pred_loss"] for e in logs if e.get("event") == "log"]
     assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
     models = [v for r in records.values() for k, v in r["outputs"].items()
@@ -155,7 +155,7 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
 
     # a stage without its inputs refuses to run instead of reading something else
     empty = tmp_path / "empty"
-    assert main(["--config", str(CONFIG), f"run.root={empty}", "--stages", "train_wm"]) == 2
+    assert main(["--config", str(CONFIG), f"run.root={empty}", "--stages", "train_lam"]) == 2
     assert not empty.exists()
 
 
@@ -165,16 +165,40 @@ def test_print_config_shows_every_default_and_loads_back(tmp_path, capsys):
     from jobs.config import PipelineConfig
     from lawm.config import load, to_dict
 
-    assert main(["--config", str(CONFIG), "--print-config", "train_wm.train.steps=7"]) == 0
+    assert main(["--config", str(CONFIG), "--print-config", "train_lam.train.steps=7"]) == 0
     printed = capsys.readouterr().out
     resolved = yaml.safe_load(printed)
     # defaults that demo.yaml never names are there, the override too, and ingest_sim's own defaults are visible
     assert resolved["generate"]["synthetic"]["n_agents"] == PipelineConfig().generate.synthetic.n_agents
-    assert resolved["train_wm"]["train"]["steps"] == 7
+    assert resolved["train_lam"]["train"]["steps"] == 7
     assert resolved["ingest_sim"]["clip_frames"] == 8 and resolved["ingest"]["clip_frames"] == 16
     # the printed YAML is itself a complete config: loading it gives the same configuration
     (tmp_path / "resolved.yaml").write_text(printed)
     assert to_dict(load(PipelineConfig, tmp_path / "resolved.yaml")) == resolved
+
+
+def test_the_old_stage_name_train_wm_still_works(tmp_path, capsys):
+    """`train_wm` was renamed `train_lam`: the old name is accepted as a section, in overrides and in the stage list,
+    and giving both names is refused instead of silently preferring one."""
+    import yaml
+
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"stages": ["encode", "train_wm"], "train_wm": {"window": 3}}))
+    assert main(["--config", str(old), "--print-config", "train_wm.train.steps=7"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert "train_wm" not in resolved
+    assert resolved["train_lam"]["window"] == 3 and resolved["train_lam"]["train"]["steps"] == 7
+    # `stages: [.., train_wm]` selects train_lam: without encode's outputs it is refused before any work
+    empty = tmp_path / "empty"
+    assert main(["--config", str(old), f"run.root={empty}", "--stages", "train_wm"]) == 2
+    assert "train_lam" in capsys.readouterr().err and not empty.exists()
+    # an override under the new name applies on top of a file that uses the old one
+    assert main(["--config", str(old), "--print-config", "train_lam.window=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train_lam"]["window"] == 2
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"train_wm": {"window": 3}, "train_lam": {"window": 2}}))
+    assert main(["--config", str(both), "--print-config"]) == 2
+    assert "both `train_wm` and `train_lam`" in capsys.readouterr().err
 
 
 def test_relative_root_is_refused_under_a_ray_job(tmp_path, monkeypatch, capsys):

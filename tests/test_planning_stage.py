@@ -29,7 +29,7 @@ from jobs.stages import STAGES
 
 GRID, PATCH, SIZE = 4, 8, 32
 DIM = 3 * PATCH * PATCH
-UPSTREAM = ("encode", "simulate", "ingest_sim", "train_wm", "train_controller", "train_wm_action")
+UPSTREAM = ("encode", "simulate", "ingest_sim", "train_lam", "train_controller", "train_wm_action")
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -100,7 +100,7 @@ def upstream(tmp_path):
     _marker(root, "simulate", manifests)
     _marker(root, "ingest_sim", {})
     lam = LatentActionWorldModel(LAMConfig(feat_dim=DIM, grid_h=GRID, grid_w=GRID, latent_dim=16))
-    _marker(root, "train_wm", {"model": str(save_model(data / "lam.pt", lam))})
+    _marker(root, "train_lam", {"model": str(save_model(data / "lam.pt", lam))})
     ctrls, wms = {}, {}
     for domain, adim in (("nav", 2), ("manip", 4)):
         ctrl = Controller(ControllerConfig(action_dim=adim, latent_dim=16, feat_dim=DIM, grid_h=GRID, grid_w=GRID,

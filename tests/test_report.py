@@ -14,7 +14,7 @@ from jobs.report import ReportConfig, rendered_dom, report_inputs, run_report, s
 from jobs.runner import Stage, StageContext, run_pipeline
 
 FAKE = {
-    "train_wm": {"val_one_step_error": 0.0291, "val_copy_error": 0.0532},
+    "train_lam": {"val_one_step_error": 0.0291, "val_copy_error": 0.0532},
     "eval_leakage": {"leakage/error_nocut": 0.0312, "leakage/error_cut": 0.1617, "leakage/ratio": 5.18,
                      "leakage/vs_copy": 0.934, "leakage/copy_cut": 0.1731, "leakage/pixel_error_cut": 0.2104},
     "eval_transfer": {"transfer/error": 0.0456, "transfer/cycle_error": 0.0479, "transfer/cycle_increase": 0.0504,
@@ -56,7 +56,7 @@ def test_report_tables_hold_our_numbers_beside_the_papers(report_run):
     assert "0.28 / 0.66 (×2.3)" in md  # the paper's sparse low-capacity leakage, beside ours
     assert "0.046 | 0.048 | 0.050" in md  # transfer: error, after cycle, increase
     assert re.search(r"\| in-the-wild \| agent \| 0\.44 \| -0\.02 \|", md)
-    assert "noisy beta=" in md  # the model named from train_wm's params
+    assert "noisy beta=" in md  # the model named from train_lam's params
     assert (out_dir / "pictures" / "eval_leakage" / "red.png").exists()
     assert "](pictures/eval_leakage/red.png)" in md
 
@@ -84,7 +84,7 @@ def test_report_errors_name_the_stage(tmp_path, report_run):
     ctx = StageContext(name="report", out_dir=tmp_path / "report", root=tmp_path, inputs=inputs, seed=0,
                        tracking_uri=uri)
     ctx.out_dir.mkdir()
-    with pytest.raises(ValueError, match="MLflow run 0+ of `train_wm` is not in"):
+    with pytest.raises(ValueError, match="MLflow run 0+ of `train_lam` is not in"):
         run_report(ReportConfig(), ctx)
     del inputs["eval_probe"]
     with pytest.raises(ValueError, match=r"needs the runs of \['eval_probe'\]"):

@@ -98,9 +98,9 @@ def test_export_refuses_nonfinite_weights(tmp_path):
     obj = Exports()
     with torch.no_grad():
         obj.b.wm.out.weight[0, 0] = float("nan")
-    job = TrainJob(stage="train_wm", build=Exports, build_kwargs={}, train=TrainConfig(), scaling=ScalingSection(),
+    job = TrainJob(stage="train_lam", build=Exports, build_kwargs={}, train=TrainConfig(), scaling=ScalingSection(),
                    train_urls=[], val_urls=[], data_kind="features", out_dir=str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"train_wm: refusing to export b: non-finite weights in wm\.out\.weight"):
+    with pytest.raises(RuntimeError, match=r"train_lam: refusing to export b: non-finite weights in wm\.out\.weight"):
         _finish(job, obj, log=None)
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())  # not even `a`
     assert not (tmp_path / "result.json").exists()
