@@ -78,7 +78,7 @@ def main() -> int:
     hidden = filter_lines(sys.stdin.buffer, sys.stdout.buffer, tuple(p.encode() for p, _ in KNOWN_NOISE))
     if hidden:
         sys.stdout.write(f"(lawm held back {hidden} line(s) of known, harmless Ray noise; {RAW_ENV}=1 shows them, "
-                         "and Ray's logs under /tmp/ray/session_latest/logs keep everything)\n")
+                         "and Ray's own logs (the session's logs/ folder) keep everything)\n")
     return 0
 
 

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved configuration (every default included) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. ingest.fps=8 run.root=runs/x")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after --stages
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,8 +130,12 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
     echo(f"[{stage.name}] running → {out_dir}")
     run = tracking.start_stage(stage.name, to_dict(section), {
         "lawm.config_hash": chash, "lawm.inputs_hash": ihash, "lawm.git_commit": commit,
-        "mlflow.source.git.commit": commit, "lawm.output_dir": str(out_dir)})
+        "mlflow.source.git.commit": commit, "lawm.output_dir": str(out_dir)},
+        system_metrics=stage.name.startswith("train_"))
     tracking.log_stage_fields(cfg, stage=stage.name, upstream=list(upstream))
+    if stage.name not in ("generate", "ingest", "simulate", "ingest_sim"):  # stages that read the clips
+        tracking.log_clip_tables({"clips/wild": root / "ingest" / "clips.parquet",
+                                  **{f"clips/{d}": root / "ingest_sim" / d / "clips.parquet" for d in ("nav", "manip")}})
     ctx = StageContext(name=stage.name, out_dir=out_dir, root=root, inputs=upstream, seed=cfg.run.seed,
                        tracking_uri=uri, mlflow_run_id=run.info.run_id, log_metrics=tracking.log_metrics,
                        log_artifact=tracking.log_artifact)

@@ -16,8 +16,10 @@ What a run carries, so that MLflow's runs table and compare view tell runs apart
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -79,6 +81,7 @@ def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the run's store and experiment; artifacts of a local store live beside it."""
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, every training run
     if mlflow.get_experiment_by_name(experiment) is None:
         location = (root / "mlartifacts").absolute().as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
@@ -93,10 +96,13 @@ def start_parent(name: str, tags: dict[str, str]):
     return mlflow.start_run(run_name=name, tags=tags)
 
 
-def start_stage(stage: str, config: dict[str, Any], tags: dict[str, str]):
+def start_stage(stage: str, config: dict[str, Any], tags: dict[str, str], *, system_metrics: bool = False):
+    """A child run of the active parent. `system_metrics`: MLflow samples this process's host (CPU, memory, disk,
+    network, GPUs) every 10 s into `system/*` metrics while the run is open: the driver's node."""
     parent = mlflow.active_run()
     parent_tags = {"lawm.parent_run_name": parent.info.run_name} if parent is not None else {}
-    run = mlflow.start_run(run_name=stage, nested=True, tags={"lawm.stage": stage, **parent_tags, **tags})
+    run = mlflow.start_run(run_name=stage, nested=True, tags={"lawm.stage": stage, **parent_tags, **tags},
+                           log_system_metrics=system_metrics)
     params = {k: str(v)[:500] for k, v in flatten(config).items()}
     for i in range(0, len(params), 90):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(list(params.items())[i:i + 90]))
@@ -150,6 +156,24 @@ def log_stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> dict[s
     mlflow.set_tags(tags)
     mlflow.log_params(params)
     return {**tags, **params}
+
+
+def log_clip_tables(tables: dict[str, Path]) -> list[str]:
+    """Each clip table (ingest's `clips.parquet`: one row per clip, its source video, split and time span) becomes an
+    input dataset of the active run, so MLflow's Dataset column and compare view show which data a run saw. Tables
+    that do not exist (a stage not run in this pipeline) are left out; returns the names logged."""
+    import mlflow.data
+    import pandas as pd
+
+    logged = []
+    for name, path in tables.items():
+        if path.is_file():
+            frame = pd.read_parquet(path)
+            with warnings.catch_warnings():  # MLflow's hints on guessing a source type and on integer columns
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=name), context="clips")
+            logged.append(name)
+    return logged
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -107,6 +107,9 @@ def _fit(ctx: StageContext, *, stage_dir: Path, name: str, build, kwargs: dict, 
     picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=name)
     ctx.log_artifact(picture, "plots")
     ctx.log_artifact(stage_dir / "result.json", name)
+    where = stage_dir.relative_to(ctx.out_dir).as_posix()  # per-domain stages: nav/models, manip/models
+    for path in result["models"].values():  # the exported models, loadable with lawm.checkpoint.load_model
+        ctx.log_artifact(path, "models" if where == "." else f"{where}/models")
     return result
 
 

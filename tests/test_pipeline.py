@@ -142,6 +142,22 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
               if isinstance(v, str) and v.endswith(".pt")]
     assert len(models) >= 7 and all(_finite_model(m) for m in models), models
 
+    # MLflow: the trained models and pictures are artifacts of their runs, training runs carry system metrics, and
+    # every run that read clips names its clip tables as input datasets (the UI's Dataset column)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    lam_run = client.get_run(records["train_lam"]["mlflow_run_id"])
+    assert [f.path for f in client.list_artifacts(lam_run.info.run_id, "models")] == ["models/lam.pt"]
+    assert "plots/training_curves.png" in {f.path for f in client.list_artifacts(lam_run.info.run_id, "plots")}
+    assert any(k.startswith("system/cpu") for k in lam_run.data.metrics), sorted(lam_run.data.metrics)
+    names = sorted(d.dataset.name for d in lam_run.inputs.dataset_inputs)
+    assert names == ["clips/manip", "clips/nav", "clips/wild"], names
+    assert not client.get_run(records["ingest"]["mlflow_run_id"]).inputs.dataset_inputs
+    wm_action = records["train_wm_action"]["mlflow_run_id"]
+    assert [f.path for d in ("nav", "manip") for f in client.list_artifacts(wm_action, f"{d}/models")] == \
+        ["nav/models/action_wm.pt", "manip/models/action_wm.pt"]
+
     # evaluation numbers exist and are finite, under the keys the issue names
     metrics = {k: v for name in STAGE_NAMES if name.startswith("eval_")
                for k, v in records[name]["outputs"]["metrics"].items()}
@@ -165,12 +181,13 @@ def test_print_config_shows_every_default_and_loads_back(tmp_path, capsys):
     from jobs.config import PipelineConfig
     from lawm.config import load, to_dict
 
-    assert main(["--config", str(CONFIG), "--print-config", "train_lam.train.steps=7"]) == 0
+    # overrides before and after an option (argparse's plain parse_args refused the second group)
+    assert main(["--config", str(CONFIG), "run.seed=5", "--print-config", "train_lam.train.steps=7"]) == 0
     printed = capsys.readouterr().out
     resolved = yaml.safe_load(printed)
     # defaults that demo.yaml never names are there, the override too, and ingest_sim's own defaults are visible
     assert resolved["generate"]["synthetic"]["n_agents"] == PipelineConfig().generate.synthetic.n_agents
-    assert resolved["train_lam"]["train"]["steps"] == 7
+    assert resolved["train_lam"]["train"]["steps"] == 7 and resolved["run"]["seed"] == 5
     assert resolved["ingest_sim"]["clip_frames"] == 8 and resolved["ingest"]["clip_frames"] == 16
     # the printed YAML is itself a complete config: loading it gives the same configuration
     (tmp_path / "resolved.yaml").write_text(printed)
