@@ -400,8 +400,8 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
             # but a task with num_cpus=0 is never held back, and uncapped Ray started a worker process per chunk
             # (8 on 2 CPUs, with the raylet's start-up warning): as many reads in flight as actors is enough to
             # keep each actor fed.
-            ds = ds.flat_map(_read_chunk, fn_kwargs={"decode": gpu}, num_cpus=1 if gpu else 0,
-                             concurrency=None if gpu else min(len(chunks), max(2, actors)))
+            reads = None if gpu else ray.data.TaskPoolStrategy(size=min(len(chunks), max(2, actors)))
+            ds = ds.flat_map(_read_chunk, fn_kwargs={"decode": gpu}, num_cpus=1 if gpu else 0, compute=reads)
             ds = ds.map_batches(EncodeActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg), "digest": digest,
                                                                          "tensors": tensors, "state_ref": state_ref},
                                 batch_size=cfg.batch_size, batch_format="numpy",

@@ -49,6 +49,31 @@ def test_world_model_is_block_causal_in_time():
     check_causal(wm, s, torch.randn(B, T, G * G, DZ))  # per-token latents
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager FlexAttention's "use torch.compile"
+def test_flex_attention_path_agrees_with_the_masked_sdpa_path():
+    """The GPU path (FlexAttention + BlockMask, run eagerly here) computes what the CPU path (SDPA + boolean mask)
+    computes: fp32 to float precision, bf16 to bf16 tolerance, and it is block-causal on its own."""
+    from lawm.models.layers import Transformer
+
+    torch.manual_seed(0)
+    sdpa = randomise(Transformer(32, 2, 4, cond_width=16, attention="sdpa"))
+    flex = Transformer(32, 2, 4, cond_width=16, attention="flex").eval()
+    flex.load_state_dict(sdpa.state_dict())
+    x, c = torch.randn(2, 5, 6, 32), torch.randn(2, 5, 1, 16)  # 30 tokens: not a multiple of the 128-token block
+    with torch.no_grad():
+        ref = sdpa(x, (2, 3), c)
+        torch.testing.assert_close(flex(x, (2, 3), c), ref, rtol=1e-4, atol=1e-5)
+        # bf16: the two paths differ from each other by no more than bf16 rounding moves either from fp32
+        a, b = flex.to(torch.bfloat16), sdpa.to(torch.bfloat16)
+        xb, cb = x.bfloat16(), c.bfloat16()
+        fa, fb = a(xb, (2, 3), cb).float(), b(xb, (2, 3), cb).float()
+        rounding = (fb - ref).abs().max()
+        assert (fa - fb).abs().max() <= 2 * rounding, ((fa - fb).abs().max(), rounding)
+        check_causal(lambda s, z: flex.float()(s, (2, 3), z), x, c)
+    with pytest.raises(ValueError, match="attention"):
+        Transformer(32, 1, 4, attention="fused")
+
+
 def test_adaln_zero_block_is_identity_at_init():
     torch.manual_seed(0)
     blk = Block(24, 4, cond_width=16)
@@ -145,3 +170,23 @@ def test_controllers_and_action_world_model():
     check_causal(awm.predict, s, a)
     roll = awm.rollout(s[:, :2], a[:, 1:3], context_actions=a[:, :1])
     torch.testing.assert_close(roll[:, 0], awm.predict(s[:, :2], a[:, :2])[:, 1])
+
+
+def test_gpu_step_script_runs_its_smoke_preset_on_cpu():
+    """bench/gpu_step.py is the prepared GPU measurement (L preset MFU, FlexAttention vs SDPA, V-JEPA 2-L encode);
+    its --cpu-smoke mode runs every part of it on a tiny preset, so the script cannot rot while no GPU is at hand."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_step.py"), "--cpu-smoke"], cwd=root,
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                            "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout[done.stdout.index("{"):])
+    for key in ("step_s", "mfu", "attention_flex_s", "attention_sdpa_s", "encode_clips_per_s"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert res["attention_out_max_diff"] <= 2 * res["attention_bf16_rounding"] and res["attention_bf16_rounding"] > 0

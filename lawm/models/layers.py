@@ -58,6 +58,42 @@ def block_causal_mask(t: int, n: int, device=None) -> torch.Tensor | None:
     return frame[:, None] >= frame[None, :]
 
 
+# Block-causal attention has two paths. CPU (and any device without FlexAttention): SDPA with the boolean mask above,
+# which PyTorch's fused GPU kernels refuse (an arbitrary mask sends SDPA to its unfused math kernel and materialises
+# the (L, L) scores). CUDA: FlexAttention with a BlockMask built from the same rule, compiled once per process, which
+# skips whole masked blocks and never materialises the mask. `attention="sdpa" | "flex"` forces one; the two agree to
+# bf16 tolerance (tests/test_models_world.py on CPU, bench/gpu_step.py on the GPU, gradients included).
+ATTENTION_KINDS = ("auto", "sdpa", "flex")
+_FLEX = {}
+
+
+def _flex_attention():
+    """FlexAttention, compiled on first use (eager FlexAttention is a slow reference); None when torch lacks it."""
+    if "fn" not in _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except ImportError:  # torch < 2.5
+            _FLEX["fn"] = None
+        else:
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+            _FLEX["eager"] = flex_attention
+    return _FLEX["fn"]
+
+
+def block_causal_block_mask(t: int, n: int, device) -> "object":
+    """The FlexAttention BlockMask of `block_causal_mask(t, n)`: query token q may see key token k iff frame(k) <=
+    frame(q), frame = index // n. Cached per shape and device (building one costs a kernel launch per block row)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (t, n, str(device))
+    if key not in _FLEX:
+        def rule(b, h, q, k):
+            return (k // n) <= (q // n)
+
+        _FLEX[key] = create_block_mask(rule, None, None, t * n, t * n, device=device)
+    return _FLEX[key]
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -72,7 +108,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, l, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = Rope3D.rotate(q, *rope), Rope3D.rotate(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            flex = _FLEX["fn"] if q.is_cuda else _FLEX["eager"]  # eager on CPU: the agreement test only
+            y = flex(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, l, w))
 
 
@@ -134,9 +174,11 @@ class Transformer(nn.Module):
     """A stack of blocks over (B, T, N, W) tokens with 3-axis RoPE and an optional block-causal mask."""
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, cond_width: int | None = None,
-                 causal: bool = True, rope_theta: float = 100.0):
+                 causal: bool = True, rope_theta: float = 100.0, attention: str = "auto"):
         super().__init__()
-        self.causal = causal
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention: {attention!r} is not one of {ATTENTION_KINDS}")
+        self.causal, self.attention = causal, attention
         self.rope = Rope3D(width // heads, rope_theta)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, cond_width) for _ in range(depth)])
         self.apply(_init_linear)
@@ -148,10 +190,21 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int], c: torch.Tensor | None = None, t0: int = 0):
         b, t, n, w = x.shape
         rope = self.rope.angles(grid_positions(t, grid[0], grid[1], x.device, t0))
-        mask = block_causal_mask(t, n, x.device) if self.causal else None
+        mask = self._mask(t, n, x.device) if self.causal and t > 1 else None
         for blk in self.blocks:
             x = blk(x, c, rope, mask)
         return x
+
+
+    def _mask(self, t: int, n: int, device: torch.device):
+        kind = self.attention
+        if kind == "auto":
+            kind = "flex" if device.type == "cuda" and _flex_attention() is not None else "sdpa"
+        if kind == "flex":
+            if _flex_attention() is None:
+                raise RuntimeError("attention='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+            return block_causal_block_mask(t, n, device)
+        return block_causal_mask(t, n, device)
 
 
 def _init_linear(m: nn.Module) -> None:
