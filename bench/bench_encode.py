@@ -6,7 +6,8 @@ process (DataLoader without workers, so a step's figure is its whole cost on the
 (and the median step) are reported; `speedup` uses the minima, the least disturbed by other work on shared cores:
   (a) cached : read a batch of fp16 features from `features/*.tar` -> step
   (b) encode : read + decode a batch of mp4 clips (`clip_dataset`) -> frozen encoder forward -> step
-for a timm ViT-S (DINOv2 layout, 224 px, 16x16 tokens of 384, random init) and, for contrast, the light `patch`
+for a timm ViT-S (DINOv2 layout, 224 px, 16x16 tokens of 384, random init), a ViT-B/16 (224 px, 14x14 tokens of
+768, random init) and, for contrast, the light `patch`
 encoder (16 px patches at 224 px, fixed projection to 384). `speedup` is the whole step's, `input_speedup` that of
 getting a batch of features alone. It also reports the encode stage's own throughput.
 
@@ -38,6 +39,7 @@ CACHE = ROOT / "bench" / "results" / "cache"
 CPUS = 2
 ENCODERS = {
     "vit_s_dinov2": {"kind": "timm", "timm_name": "vit_small_patch14_dinov2", "image_size": 224},
+    "vit_b16": {"kind": "timm", "timm_name": "vit_base_patch16_224", "image_size": 224},  # 14x14 tokens of 768
     "patch16": {"kind": "patch", "image_size": 224, "patch_size": 16, "proj_dim": 384},
 }
 
@@ -143,6 +145,7 @@ def main(quick: bool = False, steps: int | None = None, batch: int = 2) -> dict:
         out = {"setup": {"cpus": CPUS, "device": "cpu", "steps": steps, "batch": batch,
                          "clip": "16 frames at 224x224, 4 fps", "model": "LatentActionWorldModel tiny"},
                **results, "speedup_vit_s": results["vit_s_dinov2"]["speedup"],
+               "speedup_vit_b": results["vit_b16"]["speedup"],
                "speedup_patch": results["patch16"]["speedup"]}
         return out
     finally:

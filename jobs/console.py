@@ -30,6 +30,9 @@ KNOWN_NOISE = (
     ("PYTHON worker processes have been started on node", "worker start-up count"),
     # encode turns Ray Data's progress bars off to print its own one line
     ("Progress bars disabled. To enable, set", "encode's own progress line"),
+    # Ray Train's two lines per checkpoint, with every metric: lawm's own progress line says the same once
+    ("Checkpoint successfully created at: Checkpoint(", "training's own progress line"),
+    ("Reporting training result ", "training's own progress line"),
 )
 RAW_ENV = "LAWM_RAW_LOGS"
 

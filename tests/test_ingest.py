@@ -500,3 +500,27 @@ def test_endless_stream_is_capped_whatever_it_declares(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_clip_encoding_round_trips_exactly_t_frames_and_fails_cleanly():
+    """Clips are encoded in-process (PyAV): exactly T frames come back, at the fps asked for, close to what went in;
+    a codec this machine lacks is an `encode_error` (transient: the machine's trouble), not a crash."""
+    import av
+
+    from lawm.data.video import VideoError, decode_clip, encode_clip
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    frames = np.stack([np.stack([(xx + 3 * t) % 256, (yy * 2 + t) % 256, (xx + yy) % 256], -1)
+                       for t in range(16)]).astype(np.uint8)
+    for preset in ("ultrafast", "veryfast"):
+        data = encode_clip(frames, fps=4.0, preset=preset)
+        back = decode_clip(data)
+        assert back.shape == frames.shape
+        mse = ((back.astype(float) - frames) ** 2).mean()
+        assert 10 * np.log10(255 ** 2 / mse) > 30, preset  # smooth content at crf 18
+        with av.open(__import__("io").BytesIO(data)) as c:
+            assert c.streams.video[0].average_rate == 4
+    assert len(encode_clip(frames[:3], fps=2.5)) > 0 and decode_clip(encode_clip(frames[:3], fps=2.5)).shape[0] == 3
+    with pytest.raises(VideoError) as err:
+        encode_clip(frames, fps=4.0, codec="no_such_codec")
+    assert err.value.reason == "encode_error"
