@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-BENCHES = ["bench_ingest", "bench_models", "bench_datasets", "bench_train", "bench_encode", "bench_planning"]
+BENCHES = ["bench_ingest", "bench_models", "bench_datasets", "bench_train", "bench_encode", "bench_planning",
+           "bench_cluster"]
 QUICK_ARGS = {"bench_ingest": {"quick": True}, "bench_encode": {"quick": True}, "bench_planning": {"quick": True}}
 
 

@@ -28,6 +28,7 @@ class RunConfig:
     experiment: str = "lawm"
     seed: int = 0
     num_cpus: Optional[int] = None  # local Ray only; a cluster (RAY_ADDRESS) brings its own
+    sweep: str = ""  # set by jobs/sweep.py on its trials: the parent run's `lawm.sweep` tag
 
     def validate(self) -> None:
         require(bool(self.root), "root", "must not be empty")

@@ -88,7 +88,8 @@ def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool
     parent = tracking.start_parent(f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    {"lawm.config_hash": config_hash(cfg), "lawm.git_commit": commit,
                                     "mlflow.source.git.commit": commit, "lawm.stages": ",".join(selected),
-                                    "lawm.root": str(root)})
+                                    "lawm.root": str(root),
+                                    **({"lawm.sweep": cfg.run.sweep} if cfg.run.sweep else {})})
     try:
         for stage in (s for s in stages if s.name in selected):
             results.append(_run_one(cfg, stage, root, force, commit, uri, parent.info.run_id, echo))

@@ -182,12 +182,15 @@ def test_print_config_shows_every_default_and_loads_back(tmp_path, capsys):
     from lawm.config import load, to_dict
 
     # overrides before and after an option (argparse's plain parse_args refused the second group)
-    assert main(["--config", str(CONFIG), "run.seed=5", "--print-config", "train_lam.train.steps=7"]) == 0
+    # (and `1e-2`, which YAML 1.1 reads as a string, is the number it spells in a float field)
+    assert main(["--config", str(CONFIG), "run.seed=5", "--print-config", "train_lam.train.steps=7",
+                 "train_lam.model.reg.beta=1e-2"]) == 0
     printed = capsys.readouterr().out
     resolved = yaml.safe_load(printed)
     # defaults that demo.yaml never names are there, the override too, and ingest_sim's own defaults are visible
     assert resolved["generate"]["synthetic"]["n_agents"] == PipelineConfig().generate.synthetic.n_agents
     assert resolved["train_lam"]["train"]["steps"] == 7 and resolved["run"]["seed"] == 5
+    assert resolved["train_lam"]["model"]["reg"]["beta"] == 0.01
     assert resolved["ingest_sim"]["clip_frames"] == 8 and resolved["ingest"]["clip_frames"] == 16
     # the printed YAML is itself a complete config: loading it gives the same configuration
     (tmp_path / "resolved.yaml").write_text(printed)

@@ -1,0 +1,72 @@
+"""jobs/sweep.py: a grid of trials sharing the data stages, run concurrently as Ray tasks, one table across them."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from jobs.config import PipelineConfig
+from jobs.stages import STAGES
+from jobs.sweep import main, parse_axes, shared_stages, trial_name
+from lawm.config import ConfigError
+
+CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
+DATA = ["generate", "ingest", "simulate", "ingest_sim", "encode"]
+
+
+def test_axes_and_which_stages_are_shared():
+    axes = parse_axes(["train_lam.model.reg.beta=1e-4,1e-3", "run.seed=0,1"])
+    assert axes == {"train_lam.model.reg.beta": ["1e-4", "1e-3"], "run.seed": ["0", "1"]}
+    assert trial_name({"train_lam.model.reg.beta": "1e-4", "run.seed": "1"}) == "beta=1e-4_seed=1"
+    for bad in (["beta=1"], ["train_lam.window="], ["a.b=1", "a.b=2"], ["a.b=1,,2"]):
+        with pytest.raises(ConfigError):
+            parse_axes(bad)
+    cfg = PipelineConfig()
+    # a regulariser axis: the data stages and the action-conditioned model (reads only encode) are shared
+    reg = shared_stages(cfg, {"train_lam.model.reg.beta": [1]}, STAGES)
+    assert reg == DATA + ["train_wm_action"]
+    # a seed axis changes every training stage, not the data
+    assert shared_stages(cfg, {"train_lam.model.reg.beta": [1], "run.seed": [0]}, STAGES) == DATA
+    with pytest.raises(ConfigError, match="data stage"):
+        shared_stages(cfg, {"ingest.size": [32, 64]}, STAGES)
+
+
+def test_a_bad_trial_config_fails_before_any_work(tmp_path, capsys):
+    assert main(["--config", str(CONFIG), "--name", "x", "--axis", "train_lam.model.reg.beta=1e-4,oops",
+                 f"run.root={tmp_path / 's'}"]) == 2
+    assert "beta" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypatch):
+    from tests.test_pipeline import TINY
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = tmp_path / "sweep"
+    rc = main(["--config", str(CONFIG), "--name", "beta", "--axis", "train_lam.model.reg.beta=1e-4,1e-2",
+               "--stages", ",".join(DATA + ["train_lam"]), f"run.root={root}", *TINY, "train_lam.train.steps=10",
+               "run.num_cpus=2"])
+    assert rc == 0
+    trials = sorted(p.name for p in (root / "trials").iterdir())
+    assert trials == ["beta=1e-2", "beta=1e-4"]
+    for t in trials:
+        for stage in DATA:  # the data stages ran once and every trial reads them from shared/
+            assert (root / "trials" / t / stage).is_symlink()
+            assert os.path.realpath(root / "trials" / t / stage) == str((root / "shared" / stage).resolve())
+        assert (root / "trials" / t / "train_lam" / "_stage.json").exists()
+    rows = list(csv.DictReader((root / "sweep.csv").open()))
+    assert [r["trial"] for r in rows] == ["beta=1e-4", "beta=1e-2"] and all(r["status"] == "ok" for r in rows)
+    assert all(float(r["train_lam:val_one_step_error"]) > 0 for r in rows)
+    assert "| beta=1e-2 |" in (root / "sweep.md").read_text()
+    # one store: the shared run and both trials' parent runs, the trials tagged with the sweep
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`lawm.sweep` = 'beta'")
+    assert sorted(r.info.run_name.rsplit("-", 2)[0] for r in runs) == ["beta-beta=1e-2", "beta-beta=1e-4"]
+    table = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               "tags.`lawm.sweep_table` = 'beta'")
+    assert [f.path for f in client.list_artifacts(table[0].info.run_id)] == ["sweep.csv", "sweep.md"]
