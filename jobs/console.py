@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,17 +36,29 @@ KNOWN_NOISE = (
     ("Reporting training result ", "training's own progress line"),
 )
 RAW_ENV = "LAWM_RAW_LOGS"
+TTY_ENV = "LAWM_CONSOLE_IS_TTY"  # set while the filter stands between this process and a terminal
 
 
 def filter_lines(src: BinaryIO, dst: BinaryIO, patterns: tuple[bytes, ...]) -> int:
-    """Copy `src` to `dst` line by line, flushing each, leaving out lines that contain a pattern; returns how many
-    were left out. A last line without a newline is copied too."""
-    hidden = 0
-    for line in iter(src.readline, b""):
-        if any(p in line for p in patterns):
-            hidden += 1
-            continue
-        dst.write(line)
+    """Copy `src` to `dst` piece by piece, a piece ending at a newline or a carriage return (so a progress bar's
+    in-place updates pass as they come), leaving out pieces that contain a pattern; returns how many were left out.
+    A last piece without an ending is copied too."""
+    hidden, pending = 0, b""
+
+    def emit(piece: bytes) -> int:
+        if any(p in piece for p in patterns):
+            return 1
+        dst.write(piece)
+        return 0
+
+    while chunk := src.read1(65536):
+        pieces = re.split(rb"(?<=[\r\n])", pending + chunk)
+        pending = pieces.pop()  # the unfinished tail ('' when the chunk ended a piece)
+        for piece in pieces:
+            hidden += emit(piece)
+        dst.flush()
+    if pending:
+        hidden += emit(pending)
         dst.flush()
     return hidden
 
@@ -57,6 +70,8 @@ def quiet_ray_noise() -> Iterator[None]:
         yield
         return
     sys.stderr.flush()
+    if os.isatty(2):  # fd 2 becomes a pipe: progress bars ask this to stay live bars (pipelines/progress.py)
+        os.environ[TTY_ENV] = "1"
     original = os.dup(2)
     read, write = os.pipe()
     child = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=read, stdout=original,
@@ -68,6 +83,7 @@ def quiet_ray_noise() -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
+        os.environ.pop(TTY_ENV, None)
         os.dup2(original, 2)  # the pipe's last writer in this process is gone: the child sees EOF once Ray's are
         os.close(original)
         try:

@@ -23,6 +23,11 @@ def test_filter_lines_drops_only_the_listed_lines_in_order():
     dst = io.BytesIO()
     assert filter_lines(src, dst, patterns) == 2
     assert dst.getvalue() == b"first\nsecond has max_restarts in it\nlast, no newline"
+    # a progress bar's in-place updates (carriage returns) pass piece by piece, not held until a newline
+    bar = b"encode:  10%|#\rencode:  50%|#####\r" + NOISE.encode() + b"\nencode: 100%|##########|\n"
+    out = io.BytesIO()
+    assert filter_lines(io.BytesIO(bar), out, patterns) == 1
+    assert out.getvalue() == b"encode:  10%|#\rencode:  50%|#####\rencode: 100%|##########|\n"
 
 
 DRIVER = textwrap.dedent("""
@@ -58,3 +63,30 @@ def test_quiet_ray_noise_through_fd_2(tmp_path, mode):
     else:
         assert proc.returncode == 0
         assert err.index("from a child") < err.index("held back 1 line") < err.index("after the block")
+
+
+def test_a_terminal_behind_the_filter_still_gets_live_progress_bars(tmp_path):
+    """fd 2 becomes a pipe inside the block; when it was a terminal, progress bars are told so and stay live."""
+    import pty
+
+    script = tmp_path / "tty.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from jobs.console import quiet_ray_noise
+        from pipelines.progress import progress_bar
+        print("outside", os.isatty(2), flush=True)
+        with quiet_ray_noise():
+            bar = progress_bar(3, unit="x", desc="t")
+            print("inside", os.isatty(2), os.environ.get("LAWM_CONSOLE_IS_TTY"), bar.mininterval, flush=True)
+            bar.close()
+        print("after", os.environ.get("LAWM_CONSOLE_IS_TTY"), flush=True)
+    """))
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, str(script)], stderr=follower, capture_output=False,
+                              stdout=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "LAWM_RAW_LOGS": ""})
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.stdout.splitlines() == ["outside True", "inside False 1 0.5", "after None"], proc.stdout
