@@ -109,6 +109,22 @@ class LocalCluster:
                              timeout=120, check=True).stdout
         return json.loads(out)
 
+    def kill_raylet(self, node_id: str) -> list[int]:
+        """SIGKILL the raylet of one node (found by its node id on the command line): the node is lost, as when a
+        machine dies. Returns the pids killed."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"raylet" in cmd.split(b"\0")[0] and node_id.encode() in cmd and str(self.base).encode() in cmd:
+                os.kill(int(proc.name), signal.SIGKILL)
+                pids.append(int(proc.name))
+        return pids
+
     def stop(self) -> None:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) == os.getpid():

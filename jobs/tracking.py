@@ -79,8 +79,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the run's store and experiment; artifacts of a local store live beside it."""
+    user = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
+    # MLflow 3 also writes the URI into MLFLOW_TRACKING_URI; left there, it would pass for the user's choice and send
+    # the next pipeline of this process (a notebook, a test session, a sweep) into this run's store
+    if user is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines, every training run
     if mlflow.get_experiment_by_name(experiment) is None:
         location = (root / "mlartifacts").absolute().as_uri() if uri.startswith("sqlite:") else None

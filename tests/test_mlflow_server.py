@@ -57,6 +57,17 @@ def sqlite_root(sqlite_store):
 # The experiment opens on the runs table
 
 
+def test_two_pipelines_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    """MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI; lawm must not take that for the user's choice."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.setup(tmp_path / "a", "x") == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking.setup(tmp_path / "b", "x") == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'c.db'}")  # the user's own: it wins, and stays
+    assert tracking.setup(tmp_path / "d", "x") == f"sqlite:///{tmp_path / 'c.db'}"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'c.db'}"
+
+
 def test_experiment_is_marked_as_model_training(sqlite_root):
     client = mlflow.MlflowClient(tracking.tracking_uri(sqlite_root))
     tracking.setup(sqlite_root, "fresh")
