@@ -32,9 +32,12 @@ class RunConfig:
 
     def validate(self) -> None:
         require(bool(self.root), "root", "must not be empty")
+        # Stage outputs are written with local file APIs: an object-store URI would become a local folder "s3:"
+        require("://" not in self.root, "root", f"{self.root!r}: object-store URIs are not supported yet; use a "
+                "path every node sees (e.g. an NFS mount, as infra/cluster.yaml sets up)")
         # Under `ray job submit` the driver runs in Ray's temporary copy of --working-dir: a relative root would put
         # every output and the MLflow store there, and they would vanish with the cluster.
-        require(not (in_ray_job() and not Path(self.root).is_absolute() and "://" not in self.root), "root",
+        require(not (in_ray_job() and not Path(self.root).is_absolute()), "root",
                 f"{self.root!r} is relative, and this is a Ray job whose working directory is Ray's temporary copy; "
                 "set run.root to an absolute path on storage every node sees (e.g. run.root=/mnt/lawm/runs/x)")
 

@@ -221,6 +221,13 @@ def test_the_old_stage_name_train_wm_still_works(tmp_path, capsys):
     assert "both `train_wm` and `train_lam`" in capsys.readouterr().err
 
 
+def test_an_object_store_root_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", str(CONFIG), "--stages", "generate", "run.root=s3://bucket/runs/x"]) == 2
+    assert "object-store URIs are not supported" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no local folder named "s3:"
+
+
 def test_relative_root_is_refused_under_a_ray_job(tmp_path, monkeypatch, capsys):
     # `ray job submit` runs the driver inside Ray's temporary copy of the working directory and says so in this
     # variable; a relative run.root would land there and vanish with the cluster
