@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from infra.local_cluster import free_ports  # noqa: E402
 from jobs.report import chromium_exe  # noqa: E402
 
 
@@ -43,9 +43,7 @@ def main() -> int:
     if len(runs) < 2:
         raise SystemExit(f"need two runs of {args.stage} to compare, found {len(runs)}")
     ids = [r.info.run_id for r in runs]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", args.store,
                                "--host", "127.0.0.1", "--port", str(port)], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -109,31 +109,37 @@ class LocalCluster:
                              timeout=120, check=True).stdout
         return json.loads(out)
 
-    def kill_raylet(self, node_id: str) -> list[int]:
-        """SIGKILL the raylet of one node (found by its node id on the command line): the node is lost, as when a
-        machine dies. Returns the pids killed."""
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"raylet" in cmd.split(b"\0")[0] and node_id.encode() in cmd and str(self.base).encode() in cmd:
-                os.kill(int(proc.name), signal.SIGKILL)
-                pids.append(int(proc.name))
-        return pids
-
-    def stop(self) -> None:
+    def _processes(self) -> list[tuple[int, list[bytes]]]:
+        """(pid, argv) of every process whose command line names this cluster's temp dirs, this one excepted."""
+        found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
-                if str(self.base).encode() in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
                 continue
+            if any(str(self.base).encode() in a for a in argv):
+                found.append((int(proc.name), argv))
+        return found
+
+    @staticmethod
+    def _kill(pids: list[int]) -> list[int]:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def kill_raylet(self, node_id: str) -> list[int]:
+        """SIGKILL the raylet of one node (its node id is on its command line): the node is lost, as when a machine
+        dies. Returns the pids killed."""
+        return self._kill([pid for pid, argv in self._processes()
+                           if b"raylet" in argv[0] and any(node_id.encode() in a for a in argv)])
+
+    def stop(self) -> None:
+        self._kill([pid for pid, _ in self._processes()])
         time.sleep(1)  # a node's workers exit with their raylet
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -91,14 +91,14 @@ def _pipeline(config: str, root: Path, stages: list[str], overrides: list[str]) 
 
 
 def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> list[dict]:
+    from jobs.runner import marker  # the runner's own reader: an empty or corrupt marker is "not done"
+
     rows = []
     for name, point in trials.items():
         row = {"trial": name, **point, "status": "ok" if status.get(name) == 0 else f"exit {status.get(name)}"}
         for stage, key in FIGURES:
-            record = json.loads((root / "trials" / name / stage / "_stage.json").read_text()) \
-                if (root / "trials" / name / stage / "_stage.json").exists() else {}
-            value = record.get("outputs", {}).get("metrics", {}).get(key)
-            row[f"{stage}:{key}"] = value
+            record = marker(root / "trials" / name, stage) or {}
+            row[f"{stage}:{key}"] = record.get("outputs", {}).get("metrics", {}).get(key)
         rows.append(row)
     return rows
 

@@ -70,3 +70,16 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     table = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                "tags.`lawm.sweep_table` = 'beta'")
     assert [f.path for f in client.list_artifacts(table[0].info.run_id)] == ["sweep.csv", "sweep.md"]
+
+    # a rerun redoes nothing (every stage of the shared run and of each trial is skipped), and a trial whose marker
+    # was cut short is redone instead of read
+    from jobs.runner import marker
+
+    before = {t: marker(root / "trials" / t, "train_lam")["mlflow_run_id"] for t in trials}
+    (root / "trials" / "beta=1e-2" / "train_lam" / "_stage.json").write_text('{"hash": ')
+    assert main(["--config", str(CONFIG), "--name", "beta", "--axis", "train_lam.model.reg.beta=1e-4,1e-2",
+                 "--stages", ",".join(DATA + ["train_lam"]), f"run.root={root}", *TINY, "train_lam.train.steps=10",
+                 "run.num_cpus=2"]) == 0
+    after = {t: marker(root / "trials" / t, "train_lam")["mlflow_run_id"] for t in trials}
+    assert after["beta=1e-4"] == before["beta=1e-4"] and after["beta=1e-2"] != before["beta=1e-2"]
+    assert [r["status"] for r in csv.DictReader((root / "sweep.csv").open())] == ["ok", "ok"]

@@ -270,7 +270,7 @@ def encode_clip(frames: np.ndarray, fps: float, codec: str = "libx264", crf: int
     input, and a clip is small. Measured on 16 x 256 px clips of the bench's 720p videos (2-core CPU, 2026-11-27):
     an ffmpeg child per clip cost 82 ms (veryfast) / 50 ms (ultrafast), of which ~33 ms is starting the process;
     in-process 50 ms (veryfast, 137 KiB) / 31 ms (superfast, 250 KiB) / 15 ms (ultrafast, 165 KiB), all at the same
-    PSNR to the decoded frames within 0.4 dB (29.8-30.3 dB on that noisy content). Default: ultrafast, crf 18;
+    PSNR to the decoded frames within 0.5 dB (29.8-30.3 dB on that noisy content). Default: ultrafast, crf 18;
     `preset` and `crf` stay options for smaller shards."""
     t, h, w, _ = frames.shape
     rate = Fraction(fps).limit_denominator(1001)
