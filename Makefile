@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench clean-demo venv browser
+.PHONY: demo test bench clean-demo venv browser science
 
 venv: .venv/.installed
 
@@ -34,3 +34,9 @@ clean-demo:
 .PHONY: mlflow-server
 mlflow-server: venv
 	infra/mlflow/serve.sh $(ARGS)
+
+# The science benchmark (issue 13): a fixed grid on the synthetic world and both simulators, ~90 min on 2 CPUs,
+# ending in science/report.md + report.html with one VERDICT line per question. Not part of `make test`.
+.PHONY: science
+science: venv
+	$(PY) science/run.py $(ARGS)

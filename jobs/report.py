@@ -247,17 +247,40 @@ figure{margin:12px 0}figcaption{font-size:12px;color:#555}"""
 
 def render(title: str, tabs, runs: dict[str, StageRun], listing: list[dict], md_path: Path, html_path: Path,
            picture_dir: Path, max_bytes: int) -> None:
+    blocks: list[tuple] = [("table", name, header, rows, note) for name, header, rows, note in tabs]
+    blocks.append(("heading", "Pictures"))
+    blocks += [("picture", f"{run.stage}: {pic.name}", pic) for run in runs.values() for pic in run.pictures]
+    run_rows = [[r.stage, r.run_id, "read"] for r in runs.values()] + [
+        [f"this invocation: {r['stage']}", r["run_id"], r["status"]] for r in listing]
+    blocks.append(("table", "Runs", ["stage", "MLflow run", "status"], run_rows, ""))
+    write_page(title=title, blocks=blocks, md_path=md_path, html_path=html_path, max_bytes=max_bytes)
+
+
+def write_page(*, title: str, blocks: list[tuple], md_path: Path, html_path: Path, max_bytes: int) -> None:
+    """The one writer of report pages: `report.md` beside its pictures and a self-contained `report.html`.
+
+    Blocks, in order: ("heading", text), ("text", paragraph), ("table", heading, header, rows, note) and
+    ("picture", caption, path); a picture lives under md_path's folder and is inlined into the HTML as base64 up to
+    max_bytes (linked beyond). Both files are written to temp names and renamed.
+    """
     md = [f"# {title}", ""]
     body = [f"<h1>{html.escape(title)}</h1>"]
-    for name, header, rows, note in tabs:
-        md += [f"## {name}", "", _md_table(header, rows), "", note, ""]
-        body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows), f"<p class='note'>{html.escape(note)}</p>"]
-    md += ["## Pictures", ""]
-    body.append("<h2>Pictures</h2>")
-    for run in runs.values():
-        for pic in run.pictures:
+    for block in blocks:
+        kind = block[0]
+        if kind == "heading":
+            md += [f"## {block[1]}", ""]
+            body.append(f"<h2>{html.escape(block[1])}</h2>")
+        elif kind == "text":
+            md += [block[1], ""]
+            body.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            _, name, header, rows, note = block
+            md += [f"## {name}", "", _md_table(header, rows), "", note, ""]
+            body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows),
+                     f"<p class='note'>{html.escape(note)}</p>"]
+        elif kind == "picture":
+            _, caption, pic = block
             rel = pic.relative_to(md_path.parent)
-            caption = f"{run.stage}: {pic.name}"
             md += [f"![{caption}]({rel.as_posix()})", ""]
             mime = {".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(pic.suffix.lower(), "image/png")
             data = pic.read_bytes()
@@ -265,11 +288,8 @@ def render(title: str, tabs, runs: dict[str, StageRun], listing: list[dict], md_
                    else html.escape(rel.as_posix()))
             body.append(f"<figure><img alt='{html.escape(caption)}' src='{src}'>"
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    runs_header = ["stage", "MLflow run", "status"]
-    run_rows = [[r.stage, r.run_id, "read"] for r in runs.values()] + [
-        [f"this invocation: {r['stage']}", r["run_id"], r["status"]] for r in listing]
-    md += ["## Runs", "", _md_table(runs_header, run_rows), ""]
-    body += ["<h2>Runs</h2>", _html_table(runs_header, run_rows)]
+        else:
+            raise ValueError(f"write_page: unknown block kind {kind!r}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     atomic_write_bytes(md_path, "\n".join(md).encode())

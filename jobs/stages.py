@@ -107,8 +107,8 @@ STAGES: list[Stage] = [
     Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
     Stage("eval_leakage", run_eval_leakage, inputs=lambda c: ["encode", "train_lam"] + (
         ["ingest", "train_decoder"] if c.eval_leakage.pixels else [])),
-    Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_lam", "ingest", "train_decoder"] + (
-        [] if c.ingest.input else ["generate"])),
+    Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_lam", "ingest"] + (
+        ["train_decoder"] if c.eval_transfer.gif_pairs else []) + ([] if c.ingest.input else ["generate"])),
     Stage("eval_probe", run_eval_probe, inputs=lambda c: ["encode", "train_lam"]),
     Stage("eval_planning", run_eval_planning,  # after eval_probe, before report
           inputs=lambda c: ["encode", "simulate", "ingest_sim", "train_lam", "train_controller", "train_wm_action"]),

@@ -90,6 +90,67 @@ def _pipeline(config: str, root: Path, stages: list[str], overrides: list[str]) 
             *overrides, f"run.root={root}"]
 
 
+
+def connect(root: Path, base) -> dict:
+    """Start (or join) the sweep's Ray cluster and MLflow store; the environment every trial's pipeline runs with."""
+    import ray
+
+    from jobs import tracking
+    from pipelines.ray_env import ensure_ray
+
+    # one store for the whole sweep (its artifacts under run.root), one cluster: the shared run and every trial join
+    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{root / 'mlflow.db'}"}
+    tracking.setup(root, base.run.experiment)  # the same store: tracking_uri(root) is root/mlflow.db or the env's
+    ensure_ray(base.run.num_cpus)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # Ray 2.60 starts a local cluster with token auth on, but a client joining by address assumes it off unless told
+    env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "token")
+    return env
+
+
+def run_shared(*, config: str, root: Path, stages: list[str], overrides: list[str], env: dict, name: str) -> bool:
+    """The shared stages, once, in root/shared (a pipeline of its own; skipped stage by stage when done)."""
+    if not stages:
+        return True
+    (root / "shared").mkdir(parents=True, exist_ok=True)
+    cmd = _pipeline(config, root / "shared", stages, [*overrides, f"run.name={name}-shared"])
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode == 0
+
+
+def run_trials(*, config: str, root: Path, shared: list[str], trials: dict[str, tuple[list[str], list[str]]],
+               env: dict, max_concurrent: int) -> dict[str, int]:
+    """Each trial `name: (overrides, stages)` as a pipeline in root/trials/<name>, the shared stages linked in.
+
+    Trials are zero-CPU Ray tasks on this node (the checkout's paths hold here), at most `max_concurrent` at a time;
+    the work of each trial's stages is spread over the cluster by Ray Data and Ray Train. Returns exit codes by name.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_run_trial)
+    pending, status = {}, {}
+    queue = list(trials.items())
+    while queue or pending:
+        while queue and len(pending) < max_concurrent:
+            name, (overrides, stages) = queue.pop(0)
+            troot = root / "trials" / name
+            troot.mkdir(parents=True, exist_ok=True)
+            for stage in shared:
+                link = troot / stage
+                if not link.is_symlink():
+                    link.symlink_to(root / "shared" / stage, target_is_directory=True)
+            ref = task.remote(_pipeline(config, troot, stages, overrides), env, str(troot / "pipeline.log"))
+            pending[ref] = name
+            print(f"[{name}] started → {troot}", flush=True)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        status[name] = ray.get(done[0])
+        print(f"[{name}] {'done' if status[name] == 0 else f'failed (exit {status[name]}), see its pipeline.log'}",
+              flush=True)
+    return status
+
 def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> list[dict]:
     from jobs.runner import marker  # the runner's own reader: an empty or corrupt marker is "not done"
 
@@ -154,55 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(base.run.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    import ray
-
-    from jobs import tracking
-    from pipelines.ray_env import ensure_ray
-
-    # one store for the whole sweep (its artifacts under run.root), one cluster: the shared run and every trial join
-    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{root / 'mlflow.db'}"}
-    tracking.setup(root, base.run.experiment)  # the same store: tracking_uri(root) is root/mlflow.db or the env's
-    ensure_ray(base.run.num_cpus)
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    # Ray 2.60 starts a local cluster with token auth on, but a client joining by address assumes it off unless told
-    env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "token")
+    env = connect(root, base)
     print(f"sweep {args.name}: {len(trials)} trials over {', '.join(axes)}; shared: {', '.join(shared) or 'none'}")
-
-    # 1. the shared stages, once
-    if shared:
-        (root / "shared").mkdir(parents=True, exist_ok=True)
-        cmd = _pipeline(args.config, root / "shared", shared, [*args.overrides, f"run.name={args.name}-shared"])
-        if subprocess.run(cmd, cwd=ROOT, env=env).returncode:
-            print(f"sweep {args.name}: the shared stages failed", file=sys.stderr)
-            return 1
-
-    # 2. the trials, as zero-CPU Ray tasks on this node (the checkout's paths hold here), at most --max-concurrent
-    #    at a time; the work of each trial's stages is spread over the cluster by Ray Data and Ray Train
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_run_trial)
-    pending, status = {}, {}
-    queue = list(trials.items())
-    while queue or pending:
-        while queue and len(pending) < args.max_concurrent:
-            name, point = queue.pop(0)
-            troot = root / "trials" / name
-            troot.mkdir(parents=True, exist_ok=True)
-            for stage in shared:
-                link = troot / stage
-                if not link.is_symlink():
-                    link.symlink_to(root / "shared" / stage, target_is_directory=True)
-            extra = [*args.overrides, *(f"{k}={v}" for k, v in point.items()), f"run.name={args.name}-{name}",
-                     f"run.sweep={args.name}"]
-            ref = task.remote(_pipeline(args.config, troot, own, extra), env, str(troot / "pipeline.log"))
-            pending[ref] = name
-            print(f"[{name}] started → {troot}")
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        status[name] = ray.get(done[0])
-        print(f"[{name}] {'done' if status[name] == 0 else f'failed (exit {status[name]}), see its pipeline.log'}")
+    if not run_shared(config=args.config, root=root, stages=shared, overrides=args.overrides, env=env, name=args.name):
+        print(f"sweep {args.name}: the shared stages failed", file=sys.stderr)
+        return 1
+    status = run_trials(config=args.config, root=root, shared=shared, env=env, max_concurrent=args.max_concurrent,
+                        trials={name: ([*args.overrides, *(f"{k}={v}" for k, v in point.items()),
+                                        f"run.name={args.name}-{name}", f"run.sweep={args.name}"], own)
+                                for name, point in trials.items()})
 
     # 3. one table across the sweep
     rows = sweep_table(root, trials, status)
