@@ -79,13 +79,16 @@ def grid(seeds=SEEDS, capacities=(0, 1, 2)) -> dict[str, tuple[dict, list[str], 
 # --- reading the trials back ----------------------------------------------------------------------------------------
 
 def collect(root: Path, trials: dict, status: dict[str, int]) -> list[dict]:
-    """One row per trial: its labels, exit status and every metric its stages recorded (the runner's markers)."""
+    """One row per trial: its labels, exit status and every metric its stages recorded (the runner's markers);
+    a trial that did not finish (exit code, or 'not run') has no numbers: the means never mix in half a trial."""
     from jobs.runner import marker  # an empty or cut-short marker reads as "not done"
 
     rows = []
     for name, (labels, _, stages) in trials.items():
-        row = {"trial": name, **labels, "status": "ok" if status.get(name) == 0 else f"exit {status.get(name)}"}
-        for stage in stages:
+        code = status.get(name)
+        row = {"trial": name, **labels, "status": "ok" if code == 0 else str(code) if isinstance(code, str)
+               else f"exit {code}"}
+        for stage in stages if code == 0 else []:  # an unfinished trial gives no numbers, not some of them
             record = marker(root / "trials" / name, stage) or {}
             for key, value in record.get("outputs", {}).get("metrics", {}).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the smallest configuration (science/smoke.txt, 1 seed)")
     parser.add_argument("--max-concurrent", type=int, default=2)
     parser.add_argument("--out", default=str(HERE), help="where report.md / report.html go (default: science/)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rebuild the report from the trials that finished (the others: 'not run')")
     parser.add_argument("overrides", nargs="*", help="key=value on top of the configuration, e.g. run.root=…")
     args = parser.parse_args(argv)
     from jobs.config import PipelineConfig
@@ -324,20 +329,30 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     out = Path(args.out).absolute()
     start = time.monotonic()
-    env = connect(root, base)
-    print(f"science: {len(trials)} trials ({len(seeds)} seeds), data in {root / 'shared'}", flush=True)
-    if not run_shared(config=config, root=root, stages=data, overrides=overrides, env=env, name="science"):
-        print("science: the data stages failed", file=sys.stderr)
-        return 1
-    status = run_trials(config=config, root=root, shared=data, env=env, max_concurrent=args.max_concurrent,
-                        trials={name: ([*overrides, *extra, f"run.name=science-{name}", "run.sweep=science"], stages)
-                                for name, (_, extra, stages) in trials.items()})
+    if args.report_only:  # no Ray: only the MLflow store, for the report's run
+        from jobs import tracking
+        from jobs.runner import marker
+
+        tracking.setup(root, base.run.experiment)
+        status = {name: 0 if all(marker(root / "trials" / name, s) for s in stages) else "not run"
+                  for name, (_, _, stages) in trials.items()}
+    else:
+        env = connect(root, base)
+        print(f"science: {len(trials)} trials ({len(seeds)} seeds), data in {root / 'shared'}", flush=True)
+        if not run_shared(config=config, root=root, stages=data, overrides=overrides, env=env, name="science"):
+            print("science: the data stages failed", file=sys.stderr)
+            return 1
+        status = run_trials(config=config, root=root, shared=data, env=env, max_concurrent=args.max_concurrent,
+                            trials={name: ([*overrides, *extra, f"run.name=science-{name}", "run.sweep=science"],
+                                           stages) for name, (_, extra, stages) in trials.items()})
     minutes = (time.monotonic() - start) / 60
     rows = collect(root, trials, status)
     found = verdicts(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
     header = [f"{len(trials)} trials ({sum(s == 0 for s in status.values())} ok) over seeds {list(seeds)}, "
-              f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs, commit {commit.strip() or '?'}; "
+              + ("report rebuilt from the finished trials (--report-only)" if args.report_only else
+                 f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs")
+              + f", commit {commit.strip() or '?'}; "
               f"data and models: science/config.yaml{' + smoke.txt' if args.smoke else ''}; grid, thresholds and "
               "rules: science/run.py (fixed before the results were seen)."]
     out.mkdir(parents=True, exist_ok=True)

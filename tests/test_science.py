@@ -92,8 +92,35 @@ def test_smallest_configuration_end_to_end(tmp_path, monkeypatch):
                                  "attributes.run_name = 'science-report'")
     assert len(reports) == 1 and set(reports[0].data.metrics) >= {
         f"verdict/{q}" for q in ("leakage", "transfer", "probe", "capacity", "planning")}
-    # a rerun skips every finished stage and rebuilds the same report
-    before = {p.name: p.stat().st_mtime_ns for p in (root / "trials" / "noisy-1e-4-s0").glob("*/_stage.json")}
-    assert science.main(["--smoke", "--out", str(out), f"run.root={root}"]) == 0
-    after = {p.name: p.stat().st_mtime_ns for p in (root / "trials" / "noisy-1e-4-s0").glob("*/_stage.json")}
-    assert before == after
+    # --report-only runs nothing and rebuilds the same report from the finished trials
+    markers = {p: p.stat().st_mtime_ns for p in (root / "trials").glob("*/*/_stage.json")}
+    (out / "report.md").unlink()
+    assert science.main(["--smoke", "--report-only", "--out", str(out), f"run.root={root}"]) == 0
+    assert markers == {p: p.stat().st_mtime_ns for p in (root / "trials").glob("*/*/_stage.json")}
+    again = (out / "report.md").read_text()
+    assert [line for line in again.splitlines() if line.startswith("VERDICT ")] == verdict_lines
+
+def test_a_failed_or_cut_short_trial_is_reported_not_averaged(tmp_path):
+    """collect() reads the runner's markers: a marker cut short mid-write reads as 'not done', a trial that failed or
+    did not run gives no numbers at all; the report lists those trials and no verdict passes on missing numbers."""
+    import json
+
+    trials = science.grid(seeds=(0,), capacities=(science.MATCHED,))
+    done, cut, failed_trial = "sparse-0.03-s0", "none-s0", "noisy-1e-4-s0"
+    for name, text in ((done, json.dumps({"stage": "eval_leakage", "outputs": {"metrics": {
+            "leakage/ratio": 3.0, "leakage/vs_copy": True}}})), (cut, '{"stage": "eval_leak'),
+            (failed_trial, json.dumps({"stage": "eval_leakage", "outputs": {"metrics": {"leakage/ratio": 9.0}}}))):
+        (tmp_path / "trials" / name / "eval_leakage").mkdir(parents=True)
+        (tmp_path / "trials" / name / "eval_leakage" / "_stage.json").write_text(text)
+    status = {name: 0 for name in trials} | {failed_trial: 1, "discrete-64-s0": "not run"}
+    rows = science.collect(tmp_path, trials, status)
+    by = {r["trial"]: r for r in rows}
+    assert by[done]["leakage/ratio"] == 3.0 and "leakage/vs_copy" not in by[done]  # a bool is not a number
+    assert "leakage/ratio" not in by[cut] and by[cut]["status"] == "ok"
+    assert by[failed_trial]["status"] == "exit 1" and "leakage/ratio" not in by[failed_trial]
+    found = science.verdicts(rows)
+    assert not found["leakage"][0] and "nan" in found["leakage"][1]
+    blocks = science.report_blocks(rows, found, out=tmp_path / "out", header=["h"])
+    failed = [b for b in blocks if b[0] == "table" and b[1] == "Failed trials"]
+    assert failed and failed[0][3] == [[failed_trial, "exit 1"], ["discrete-64-s0", "not run"]]
+    assert any(b[0] == "text" and b[1].startswith("VERDICT leakage: not reproduced — ") for b in blocks)
