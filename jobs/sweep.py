@@ -90,7 +90,6 @@ def _pipeline(config: str, root: Path, stages: list[str], overrides: list[str]) 
             *overrides, f"run.root={root}"]
 
 
-
 def connect(root: Path, base) -> dict:
     """Start (or join) the sweep's Ray cluster and MLflow store; the environment every trial's pipeline runs with."""
     import ray
@@ -164,13 +163,18 @@ def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> 
     return rows
 
 
-def write_table(root: Path, rows: list[dict], axes: dict[str, list]) -> None:
-    cols = list(rows[0])
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The one CSV writer of sweep tables: a column for every key any row has, written to a temp name and renamed."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(root / "sweep.csv", buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def write_table(root: Path, rows: list[dict], axes: dict[str, list]) -> None:
+    cols = list(rows[0])
+    write_csv(rows, root / "sweep.csv")
 
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -14,8 +14,6 @@ re-running after a crash resumes, and re-running a finished benchmark only rebui
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import subprocess
 import sys
@@ -226,7 +224,7 @@ def capacity_figure(rows: list[dict], png: Path) -> Path:
     return png
 
 
-def _models(rows):
+def _models():
     """(family, value) of every grid point, in table order (the control last)."""
     return [(f, v) for f, (_, values) in FAMILIES.items() for v in values] + [(CONTROL[0], "16")]
 
@@ -242,14 +240,14 @@ def report_blocks(rows: list[dict], found: dict[str, tuple[bool, str]], *, out: 
     n = lambda f, v: stats(rows, "train_lam:val_one_step_error", family=f, value=v)[2]  # noqa: E731
     t1 = [[label(f, v), str(n(f, v))] + [pm(rows, k, family=f, value=v) for k in (
         "train_lam:val_one_step_error", "train_lam:val_error_shuffled_z", "train_lam:val_copy_error",
-        "leakage/ratio", "leakage/vs_copy")] for f, v in _models(rows)]
+        "leakage/ratio", "leakage/vs_copy")] for f, v in _models()]
     blocks.append(("table", "Capacity and leakage (Table 1, Fig. 4)", ["model", "seeds", "one-step error",
                    "shuffled-z error", "copy error", "leakage/ratio", "leakage/vs_copy"], t1,
                    "Mean ± standard deviation over seeds. Representation space (L1 on 4×4-pixel patch features). "
                    "Paper (LPIPS, V-JEPA 2-L): cut ratio ×2.0–2.5 for every regulariser."))
     t2 = [[label(f, v)] + [pm(rows, k, family=f, value=v) for k in (
         "transfer/error", "transfer/cycle_increase", "transfer/counterfactual_error",
-        "transfer/counterfactual_error_copy", "transfer/nav/cycle_increase")] for f, v in _models(rows)]
+        "transfer/counterfactual_error_copy", "transfer/nav/cycle_increase")] for f, v in _models()]
     blocks.append(("table", "Transfer (Table 2)", ["model", "error", "cycle increase", "counterfactual error",
                    "counterfactual: copy", "nav cycle increase"], t2,
                    "Paper: cycle increase of discrete latents smallest (they carry least), continuous more "
@@ -257,7 +255,7 @@ def report_blocks(rows: list[dict], found: dict[str, tuple[bool, str]], *, out: 
                    "leakage)."))
     t3 = [[label(f, v)] + [pm(rows, k, family=f, value=v) for k in (
         "probe/r2/agent", "probe/r2/camera", "probe/r2/zoom", "probe/nav/r2", "probe/manip/r2",
-        "probe/r2_shifted_z")] for f, v in _models(rows)]
+        "probe/r2_shifted_z")] for f, v in _models()]
     blocks.append(("table", "Probes: ridge from z to the true motion (held-out R²)", ["model", "agent", "camera",
                    "zoom", "nav (v, ω)", "manip (xyz, gripper)", "control: shifted z"], t3, ""))
     f, v = PLANNING[0], FAMILIES[PLANNING[0]][1][PLANNING[1]]
@@ -285,15 +283,6 @@ def report_blocks(rows: list[dict], found: dict[str, tuple[bool, str]], *, out: 
     return blocks
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the smallest configuration (science/smoke.txt, 1 seed)")
@@ -306,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.config import PipelineConfig
     from jobs.report import write_page
     from jobs.stages import RENAMED_STAGES
-    from jobs.sweep import connect, run_shared, run_trials
+    from jobs.sweep import connect, run_shared, run_trials, write_csv
 
     config = str(HERE / "config.yaml")
     overrides = list(args.overrides)
@@ -352,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"{len(trials)} trials ({sum(s == 0 for s in status.values())} ok) over seeds {list(seeds)}, "
               + ("report rebuilt from the finished trials (--report-only)" if args.report_only else
                  f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs")
-              + f", commit {commit.strip() or '?'}; "
+              + f", built at commit {commit.strip() or '?'}; "
               f"data and models: science/config.yaml{' + smoke.txt' if args.smoke else ''}; grid, thresholds and "
               "rules: science/run.py (fixed before the results were seen)."]
     out.mkdir(parents=True, exist_ok=True)
