@@ -150,15 +150,22 @@ def run_trials(*, config: str, root: Path, shared: list[str], trials: dict[str, 
               flush=True)
     return status
 
-def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> list[dict]:
-    from jobs.runner import marker  # the runner's own reader: an empty or corrupt marker is "not done"
+def stage_metrics(troot: Path, stage: str) -> dict[str, float]:
+    """The numeric metrics a finished stage of one trial recorded, read through the runner's own marker reader (an
+    empty or cut-short marker is "not done": no metrics); booleans are not numbers here."""
+    from jobs.runner import marker
 
+    record = marker(troot, stage) or {}
+    return {k: float(v) for k, v in record.get("outputs", {}).get("metrics", {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> list[dict]:
     rows = []
     for name, point in trials.items():
         row = {"trial": name, **point, "status": "ok" if status.get(name) == 0 else f"exit {status.get(name)}"}
         for stage, key in FIGURES:
-            record = marker(root / "trials" / name, stage) or {}
-            row[f"{stage}:{key}"] = record.get("outputs", {}).get("metrics", {}).get(key)
+            row[f"{stage}:{key}"] = stage_metrics(root / "trials" / name, stage).get(key)
         rows.append(row)
     return rows
 

@@ -79,7 +79,7 @@ def grid(seeds=SEEDS, capacities=(0, 1, 2)) -> dict[str, tuple[dict, list[str], 
 def collect(root: Path, trials: dict, status: dict[str, int]) -> list[dict]:
     """One row per trial: its labels, exit status and every metric its stages recorded (the runner's markers);
     a trial that did not finish (exit code, or 'not run') has no numbers: the means never mix in half a trial."""
-    from jobs.runner import marker  # an empty or cut-short marker reads as "not done"
+    from jobs.sweep import stage_metrics
 
     rows = []
     for name, (labels, _, stages) in trials.items():
@@ -87,10 +87,8 @@ def collect(root: Path, trials: dict, status: dict[str, int]) -> list[dict]:
         row = {"trial": name, **labels, "status": "ok" if code == 0 else str(code) if isinstance(code, str)
                else f"exit {code}"}
         for stage in stages if code == 0 else []:  # an unfinished trial gives no numbers, not some of them
-            record = marker(root / "trials" / name, stage) or {}
-            for key, value in record.get("outputs", {}).get("metrics", {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    row[f"{stage}:{key}" if stage == "train_lam" else key] = float(value)
+            for key, value in stage_metrics(root / "trials" / name, stage).items():
+                row[f"{stage}:{key}" if stage == "train_lam" else key] = value
         rows.append(row)
     return rows
 
