@@ -27,7 +27,7 @@ from lawm.training.loop import Trainer, TrainConfig  # noqa: E402
 from lawm.training.optim import OptimConfig  # noqa: E402
 
 from jobs.ray_train import ScalingSection, TrainJob, _loader, fit  # noqa: E402
-from jobs.train_stages import build_lam  # noqa: E402
+from lawm.training.builders import build_lam  # noqa: E402
 
 CACHE = ROOT / "bench" / "results" / "cache" / "train-features"
 CPUS = 2

@@ -14,13 +14,13 @@ import numpy as np
 from lawm.checkpoint import load_checkpoint, load_model
 from lawm.config import require
 from lawm.data.clips import shard_urls
-from lawm.models.action_wm import ActionWMConfig, ActionWorldModel
-from lawm.models.controllers import Controller, ControllerConfig
-from lawm.models.decoder import DecoderConfig, FrameDecoder
+from lawm.models.action_wm import ActionWMConfig
+from lawm.models.controllers import ControllerConfig
+from lawm.models.decoder import DecoderConfig
 from lawm.models.encoders import EncoderConfig, build_encoder
-from lawm.models.lam import LAMConfig, LatentActionWorldModel
+from lawm.models.lam import LAMConfig
+from lawm.training.builders import build_action_wm, build_controllers, build_decoder, build_lam
 from lawm.training.loop import TrainConfig
-from lawm.training.objectives import ActionWMObjective, ControllerObjective, DecoderObjective, LAMObjective
 
 from jobs.plots import plot_progress
 from jobs.runner import StageContext
@@ -72,24 +72,6 @@ class TrainWMActionConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run_name: str = "action_wm"
-
-
-# Builders run inside each Ray Train worker (they must be importable top-level functions).
-def build_lam(lam_cfg: LAMConfig, window: int) -> LAMObjective:
-    return LAMObjective(LatentActionWorldModel(lam_cfg), window=window)
-
-
-def build_decoder(dec_cfg: DecoderConfig, enc_cfg: EncoderConfig) -> DecoderObjective:
-    return DecoderObjective(FrameDecoder(dec_cfg), build_encoder(enc_cfg))
-
-
-def build_controllers(lam_path: str, ctrl_cfg: ControllerConfig, tubelet: int, scale: float) -> ControllerObjective:
-    ctrls = {kind: Controller(dataclasses.replace(ctrl_cfg, kind=kind)) for kind in ("mlp", "cross_attention")}
-    return ControllerObjective(load_model(lam_path), ctrls, tubelet, scale)
-
-
-def build_action_wm(model_cfg: ActionWMConfig, tubelet: int, scale: float) -> ActionWMObjective:
-    return ActionWMObjective(ActionWorldModel(model_cfg), tubelet, scale)
 
 
 def _encoded(ctx: StageContext) -> dict:

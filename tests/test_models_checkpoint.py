@@ -83,3 +83,23 @@ def test_preset_configs_round_trip_as_size_plus_overrides(tmp_path):
     assert torch.equal(back.predict(s, z), m.predict(s, z))
     # the loaded config is still a request: changing its size gives that preset's shape, the override kept
     assert dataclasses.replace(back.cfg.wm, size="S").resolved().width == 384
+
+
+def test_our_mlp_is_timms_mlp_for_old_checkpoints_and_seeds():
+    """lawm.models.layers.Mlp replaced timm's (whose import cost every process 1.8 s): same parameter names, same
+    weights from the same seed, same outputs, so checkpoints written with timm's load and a seed builds the same model."""
+    import torch
+    import torch.nn as nn
+    from timm.layers import Mlp as TimmMlp
+
+    from lawm.models.layers import Mlp
+
+    torch.manual_seed(3)
+    theirs = TimmMlp(32, 128, act_layer=nn.GELU)
+    torch.manual_seed(3)
+    ours = Mlp(32, 128)
+    assert list(theirs.state_dict()) == list(ours.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert all(torch.equal(theirs.state_dict()[k], v) for k, v in ours.state_dict().items())
+    x = torch.randn(5, 32)
+    assert torch.equal(theirs(x), ours(x))
+    ours.load_state_dict(TimmMlp(32, 128).state_dict())  # strict: a timm-era state dict loads as is

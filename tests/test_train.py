@@ -26,7 +26,7 @@ from pipelines.encode import EncodeConfig, run_encode
 from pipelines.ingest import IngestConfig, run_ingest
 
 from jobs.ray_train import ScalingSection, TrainJob, _decode_fn, fit, validation_batches, validation_sample
-from jobs.train_stages import build_lam
+from lawm.training.builders import build_lam
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +85,6 @@ def test_killed_worker_resumes_from_last_checkpoint(features, tmp_path):
     assert len(starts) == 2 and starts[1]["pid"] != killed["pid"]
     assert killed["step"] - ckpt_every <= starts[1]["step"] <= killed["step"] and starts[1]["step"] % ckpt_every == 0
     assert _events(tmp_path)[-1] == {**_events(tmp_path)[-1], "event": "end", "step": 30}
-
-
-def test_same_run_name_continues(features, tmp_path):
-    fit(_job(features, tmp_path, steps=8, workers=1, ckpt_every=4), "again")
-    fit(_job(features, tmp_path, steps=12, workers=1, ckpt_every=4), "again")
-    starts = [e["step"] for e in _events(tmp_path) if e["event"] == "start"]
-    assert starts == [0, 8]
 
 
 class RngProbe(torch.nn.Module):

@@ -15,10 +15,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp
 
 from lawm.config import require
-from lawm.models.layers import CrossAttention, Transformer, _init_linear
+from lawm.models.layers import CrossAttention, Mlp, Transformer, _init_linear
 
 
 @dataclass(kw_only=True)
