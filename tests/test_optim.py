@@ -105,7 +105,7 @@ def test_muon_takes_the_hidden_matrices_of_every_objective():
 
 def _one_muon_step(cfg: OptimConfig) -> dict[str, float]:
     """RMS of the first update of each Muon matrix of a transformer MLP (64 -> 256 -> 64), weights from 0."""
-    from timm.layers import Mlp
+    from lawm.models.layers import Mlp
 
     torch.manual_seed(0)
     mlp = Mlp(64, 256)

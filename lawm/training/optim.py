@@ -27,10 +27,8 @@ from lawm.config import require
 
 
 def muon_module_types() -> tuple[type[nn.Module], ...]:
-    """(Attention, CrossAttention, timm's Mlp); imported on use, so the loop imports without the model stack."""
-    from timm.layers import Mlp
-
-    from lawm.models.layers import Attention, CrossAttention
+    """(Attention, CrossAttention, Mlp); imported on use, so the loop imports without the model stack."""
+    from lawm.models.layers import Attention, CrossAttention, Mlp
 
     return Attention, CrossAttention, Mlp
 
