@@ -120,7 +120,8 @@ def _ok(x: float) -> bool:
 
 
 def _falls(rows, key, *, family: str, values) -> bool:
-    """The means of `key` fall strictly along `values`, and first minus last exceeds their two spreads summed."""
+    """The means of `key` fall strictly along `values`, and first minus last exceeds their two spreads summed (an end
+    with a single seed has no spread: it counts 0, so the rule is only as strict as the seeds allow)."""
     ends = [stats(rows, key, family=family, value=v) for v in values]
     means = [m for m, _, _ in ends]
     if not all(map(_ok, means)) or not all(a > b for a, b in zip(means, means[1:])):
