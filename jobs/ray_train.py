@@ -11,6 +11,7 @@ held-out videos (`validation_sample`), averaging over clips.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -52,6 +53,9 @@ class TrainJob:
     train_urls: list[str]
     val_urls: list[str]
     data_kind: str  # "features" or "clips"
+    # decode each clip's labels.npz: the action objectives read them; LAM and decoder training never do, and on the
+    # science run's feature shards the labels were 60 % of a batch's decode time (24 of 40 ms at batch 40)
+    labels: bool = True
     out_dir: str
     seed: int = 0
     tracking_uri: str = ""
@@ -61,20 +65,23 @@ class TrainJob:
     run_dir: str = ""  # <storage>/<run name>, set by fit()
 
 
-def _decode_fn(kind: str):
+def _decode_fn(kind: str, labels: bool = True):
     from lawm.data.clips import decode_sample
-
-    if kind == "clips":
-        return decode_sample
     from lawm.data.features import decode_features
 
-    return decode_features
+    decode = decode_sample if kind == "clips" else decode_features
+    # a partial of module-level functions: picklable, so DataLoader worker processes can take it
+    return decode if labels else functools.partial(_without_labels, decode)
+
+
+def _without_labels(decode, sample: dict) -> dict:
+    return decode({k: v for k, v in sample.items() if k != "labels.npz"})
 
 
 def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=None, repeat=False, drop_last=True):
     from lawm.data.clips import ShardDataset, collate
 
-    ds = ShardDataset(urls, _decode_fn(job.data_kind), shuffle=shuffle, seed=job.seed, rank=rank,
+    ds = ShardDataset(urls, _decode_fn(job.data_kind, job.labels), shuffle=shuffle, seed=job.seed, rank=rank,
                       world_size=world_size, epoch_shuffle=shuffle > 0, repeat=repeat)
     # Its own generator: starting an iterator otherwise draws from the global torch RNG, so a resumed run (which
     # starts its iterator after restoring the RNG) would draw a different stream from an uninterrupted one.
@@ -283,7 +290,7 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
         device = next(objective.parameters()).device
         sums: dict[str, float] = {}
         n = 0
-        for batch in validation_batches(job.val_urls, decode=_decode_fn(job.data_kind),
+        for batch in validation_batches(job.val_urls, decode=_decode_fn(job.data_kind, job.labels),
                                         clips=job.val_batches * job.train.batch_size,
                                         batch_size=job.train.batch_size, seed=job.seed):
             clips = len(batch["key"])  # batch means weighted by their clip counts: a mean over clips

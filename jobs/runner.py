@@ -80,6 +80,8 @@ def check_inputs(cfg: Any, stages: list[Stage], selected: list[str]) -> None:
 def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool = False,
                  echo: Callable[[str], None] = print) -> list[StageResult]:
     """Run `selected` stages (in registry order). Each executed stage is a child MLflow run."""
+    import torch  # its thread count is a run's tag: a sweep's trials share CPUs (jobs/sweep.trial_env)
+
     root = Path(cfg.run.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking.setup(root, cfg.run.experiment)
@@ -88,7 +90,7 @@ def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool
     parent = tracking.start_parent(f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    {"lawm.config_hash": config_hash(cfg), "lawm.git_commit": commit,
                                     "mlflow.source.git.commit": commit, "lawm.stages": ",".join(selected),
-                                    "lawm.root": str(root),
+                                    "lawm.root": str(root), "lawm.torch_threads": str(torch.get_num_threads()),
                                     **({"lawm.sweep": cfg.run.sweep} if cfg.run.sweep else {})})
     try:
         for stage in (s for s in stages if s.name in selected):

@@ -79,11 +79,11 @@ def _encoded(ctx: StageContext) -> dict:
 
 
 def _fit(ctx: StageContext, *, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
-         scaling: ScalingSection, shards: str | Path, kind: str, run_name: str) -> dict:
+         scaling: ScalingSection, shards: str | Path, kind: str, run_name: str, labels: bool) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     job = TrainJob(stage=name, build=build, build_kwargs=kwargs, train=train, scaling=scaling,
                    train_urls=shard_urls(shards, "train"), val_urls=_maybe_urls(shards, "val"), data_kind=kind,
-                   out_dir=str(stage_dir), seed=ctx.seed, tracking_uri=ctx.tracking_uri,
+                   labels=labels, out_dir=str(stage_dir), seed=ctx.seed, tracking_uri=ctx.tracking_uri,
                    mlflow_run_id=ctx.mlflow_run_id)
     result = fit(job, run_name)
     picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=name)
@@ -107,7 +107,7 @@ def run_train_lam(cfg: TrainLAMConfig, ctx: StageContext) -> dict:
     lam_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"])
     result = _fit(ctx, stage_dir=ctx.out_dir, name="train_lam", build=build_lam,
                   kwargs={"lam_cfg": lam_cfg, "window": cfg.window}, train=cfg.train, scaling=cfg.scaling,
-                  shards=enc["features"], kind="features", run_name=cfg.run_name)
+                  shards=enc["features"], kind="features", run_name=cfg.run_name, labels=False)
     return {"model": result["models"]["lam"], "checkpoint": result["checkpoint"], "metrics": result["eval"]}
 
 
@@ -119,7 +119,7 @@ def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
     shards = ctx.upstream("ingest", "shards")
     result = _fit(ctx, stage_dir=ctx.out_dir, name="train_decoder", build=build_decoder,
                   kwargs={"dec_cfg": dec_cfg, "enc_cfg": enc_cfg}, train=cfg.train, scaling=cfg.scaling,
-                  shards=shards, kind="clips", run_name=cfg.run_name)
+                  shards=shards, kind="clips", run_name=cfg.run_name, labels=False)
     picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_lam", "model"), enc_cfg, shards,
                                  ctx.out_dir / "predictions.png")
     ctx.log_artifact(picture, "plots")
@@ -172,7 +172,7 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
         kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale.get(domain, 1.0))
         result = _fit(ctx, stage_dir=ctx.out_dir / domain, name=f"{stage}_{domain}", build=build, kwargs=kwargs,
                       train=cfg.train, scaling=cfg.scaling, shards=shards, kind="features",
-                      run_name=f"{cfg.run_name}_{domain}")
+                      run_name=f"{cfg.run_name}_{domain}", labels=True)
         outputs.update({f"{domain}_{name}": path for name, path in result["models"].items()})
         outputs["metrics"].update({f"{domain}_{k}": v for k, v in result["eval"].items()})
     (ctx.out_dir / "summary.json").write_text(json.dumps(outputs, indent=1))

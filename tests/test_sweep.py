@@ -67,6 +67,8 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               "tags.`lawm.sweep` = 'beta'")
     assert sorted(r.info.run_name.rsplit("-", 2)[0] for r in runs) == ["beta-beta=1e-2", "beta-beta=1e-4"]
+    # two trials at once on 2 CPUs: each driver evaluates on one torch thread, not on every core
+    assert [r.data.tags["lawm.torch_threads"] for r in runs] == ["1", "1"]
     table = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                "tags.`lawm.sweep_table` = 'beta'")
     assert [f.path for f in client.list_artifacts(table[0].info.run_id)] == ["sweep.csv", "sweep.md"]
@@ -83,3 +85,12 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     after = {t: marker(root / "trials" / t, "train_lam")["mlflow_run_id"] for t in trials}
     assert after["beta=1e-4"] == before["beta=1e-4"] and after["beta=1e-2"] != before["beta=1e-2"]
     assert [r["status"] for r in csv.DictReader((root / "sweep.csv").open())] == ["ok", "ok"]
+
+
+def test_trial_drivers_share_the_node_threads():
+    from jobs.sweep import trial_env
+
+    assert trial_env({"A": "x"}, node_cpus=2.0, max_concurrent=2) == {"A": "x", "OMP_NUM_THREADS": "1"}
+    assert trial_env({}, node_cpus=16.0, max_concurrent=3)["OMP_NUM_THREADS"] == "5"
+    assert trial_env({}, node_cpus=2.0, max_concurrent=4)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert trial_env({"OMP_NUM_THREADS": "4"}, node_cpus=2.0, max_concurrent=2)["OMP_NUM_THREADS"] == "4"  # theirs

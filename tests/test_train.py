@@ -179,3 +179,30 @@ def _keys(url: str) -> list[str]:
 
     with tarfile.open(url) as tar:
         return sorted({m.name.split(".", 1)[0] for m in tar if m.isfile()})
+
+
+def test_training_without_labels_reads_the_same_clips(features, tmp_path):
+    """LAM training skips each clip's labels.npz (most of a feature batch's decode time): the same clips, the same
+    features, in the same order; and the decoder still pickles for DataLoader worker processes."""
+    import pickle
+
+    from jobs.ray_train import _loader
+
+    batches = {}
+    for labels in (True, False):
+        job = _job(features, tmp_path / str(labels), steps=1, workers=1, ckpt_every=1, labels=labels)
+        _, loader = _loader(job, job.train_urls, shuffle=16)
+        batches[labels] = list(loader)
+    assert len(batches[True]) == len(batches[False]) >= 2
+    for a, b in zip(batches[True], batches[False]):
+        assert a["key"] == b["key"] and torch.equal(a["feats"], b["feats"])
+        assert set(a["labels"]) >= {"agent_vel", "camera"} and b["labels"] == {}
+    decode = pickle.loads(pickle.dumps(_decode_fn("features", labels=False)))
+    url = job.train_urls[0]
+    assert "labels.npz" in next(iter(_raw(url))) and decode(next(iter(_raw(url))))["labels"] == {}
+
+
+def _raw(url: str):
+    import webdataset as wds
+
+    return wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
