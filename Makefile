@@ -35,7 +35,7 @@ clean-demo:
 mlflow-server: venv
 	infra/mlflow/serve.sh $(ARGS)
 
-# The science benchmark (issue 13): a fixed grid on the synthetic world and both simulators, 95 min on 2 CPUs (run 2),
+# The science benchmark (issue 13): a fixed grid on the synthetic world and both simulators, 71 min on 2 CPUs (run 3),
 # ending in science/report.md + report.html with one VERDICT line per question. Not part of `make test`.
 .PHONY: science
 science: venv

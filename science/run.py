@@ -295,6 +295,27 @@ def report_blocks(rows: list[dict], found: dict[str, tuple[bool, str]], *, out: 
     return blocks
 
 
+REPORT_ONLY = "report-only"
+
+
+def last_invocation(root: Path, experiment: str) -> tuple[float, str] | None:
+    """(minutes, commit) of the newest `science-report` run in the store that ran trials (not a --report-only
+    rebuild): a rebuilt report keeps saying how long the trials took and which code ran them."""
+    import mlflow
+
+    from jobs import tracking
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    for run in client.search_runs([found.experiment_id], "attributes.run_name = 'science-report'",
+                                  order_by=["attributes.start_time DESC"]):
+        if run.data.tags.get("lawm.science_mode", "run") != REPORT_ONLY and "science/minutes" in run.data.metrics:
+            return run.data.metrics["science/minutes"], run.data.tags.get("mlflow.source.git.commit", "?")[:7]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the smallest configuration (science/smoke.txt, 1 seed)")
@@ -350,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = collect(root, trials, status)
     found = verdicts(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout
+    ran = last_invocation(root, base.run.experiment) if args.report_only else None
     header = [f"{len(trials)} trials ({sum(s == 0 for s in status.values())} ok) over seeds {list(seeds)}, "
-              + ("report rebuilt from the finished trials (--report-only)" if args.report_only else
-                 f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs")
+              + (("report rebuilt from the finished trials (--report-only)"
+                  + (f"; the invocation that ran them took {ran[0]:.1f} min, at commit {ran[1]}" if ran else ""))
+                 if args.report_only else f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs")
               + f", built at commit {commit.strip() or '?'}; "
               f"data and models: science/config.yaml{' + smoke.txt' if args.smoke else ''}; grid, thresholds and "
               "rules: science/run.py (fixed before the results were seen)."]
@@ -363,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                html_path=out / "report.html", max_bytes=8 << 20)
     import mlflow
 
-    with mlflow.start_run(run_name="science-report", tags={"lawm.sweep_table": "science"}):
+    with mlflow.start_run(run_name="science-report", tags={"lawm.sweep_table": "science",
+                                                           "lawm.science_mode": REPORT_ONLY if args.report_only
+                                                           else "run"}):
         mlflow.log_metrics({f"verdict/{q}": float(ok) for q, (ok, _) in found.items()})
         mlflow.log_metric("science/minutes", minutes)
         for name in ("report.md", "report.html", "science.csv"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import mlflow
 import pytest
@@ -103,6 +104,10 @@ def test_smallest_configuration_end_to_end(tmp_path, monkeypatch):
     assert markers == {p: p.stat().st_mtime_ns for p in (root / "trials").glob("*/*/_stage.json")}
     again = (out / "report.md").read_text()
     assert [line for line in again.splitlines() if line.startswith("VERDICT ")] == verdict_lines
+    # the rebuilt report still says how long the trials took, from the run that ran them (not from itself)
+    ran = float(re.search(r"this invocation ([0-9.]+) min", text).group(1))
+    assert f"the invocation that ran them took {ran:.1f} min" in again
+    assert science.last_invocation(root, "lawm-science")[0] == pytest.approx(ran, abs=0.05)
 
 def test_a_failed_or_cut_short_trial_is_reported_not_averaged(tmp_path):
     """collect() reads the runner's markers: a marker cut short mid-write reads as 'not done', a trial that failed or
