@@ -176,7 +176,13 @@ def test_manifest_segments_metadata_and_labels(tmp_path, ray_local):
     pd.DataFrame({"path": ["clips/v.mp4", str(tmp_path / "clips" / "w.mp4")], "start": [2.0, None],
                   "end": [6.0, None], "camera": ["cam-a", "cam-b"], "split": ["val", "train"]}).to_csv(manifest, index=False)
     cfg = from_dict(IngestConfig, {**CFG, "input": str(manifest), "stride": 4})
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    assert context.op_resource_reservation_enabled
     run_ingest(cfg, tmp_path / "out", progress=False)
+    # ingest turns Ray Data's reservation off for its own dataset only, never for the process (encode keeps it)
+    assert ray.data.DataContext.get_current() is context and context.op_resource_reservation_enabled
     clips = pd.read_parquet(tmp_path / "out" / "clips.parquet")
     v = clips[clips["source_path"] == str(video)].sort_values("clip_index")
     assert set(v["meta_camera"]) == {"cam-a"} and set(v["split"]) == {"val"}
