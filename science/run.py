@@ -300,7 +300,8 @@ REPORT_ONLY = "report-only"
 
 def last_invocation(root: Path, experiment: str) -> tuple[float, str] | None:
     """(minutes, commit) of the newest `science-report` run in the store that ran trials (not a --report-only
-    rebuild): a rebuilt report keeps saying how long the trials took and which code ran them."""
+    rebuild): a rebuilt report keeps saying how long the trials took and which code ran them (a resumed benchmark:
+    only its last invocation, which ran the trials left)."""
     import mlflow
 
     from jobs import tracking
@@ -374,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ran = last_invocation(root, base.run.experiment) if args.report_only else None
     header = [f"{len(trials)} trials ({sum(s == 0 for s in status.values())} ok) over seeds {list(seeds)}, "
               + (("report rebuilt from the finished trials (--report-only)"
-                  + (f"; the invocation that ran them took {ran[0]:.1f} min, at commit {ran[1]}" if ran else ""))
+                  + (f"; the last invocation that ran trials took {ran[0]:.1f} min, at commit {ran[1]}"
+                     if ran else ""))
                  if args.report_only else f"this invocation {minutes:.1f} min on {base.run.num_cpus} CPUs")
               + f", built at commit {commit.strip() or '?'}; "
               f"data and models: science/config.yaml{' + smoke.txt' if args.smoke else ''}; grid, thresholds and "

@@ -106,7 +106,7 @@ def test_smallest_configuration_end_to_end(tmp_path, monkeypatch):
     assert [line for line in again.splitlines() if line.startswith("VERDICT ")] == verdict_lines
     # the rebuilt report still says how long the trials took, from the run that ran them (not from itself)
     ran = float(re.search(r"this invocation ([0-9.]+) min", text).group(1))
-    assert f"the invocation that ran them took {ran:.1f} min" in again
+    assert f"the last invocation that ran trials took {ran:.1f} min" in again
     assert science.last_invocation(root, "lawm-science")[0] == pytest.approx(ran, abs=0.05)
 
 def test_a_failed_or_cut_short_trial_is_reported_not_averaged(tmp_path):
