@@ -93,7 +93,8 @@ def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=
 
 
 class _MlflowLogger:
-    """Rank 0 logs step metrics into the stage's child run (the library itself never imports MLflow)."""
+    """Rank 0 logs step metrics into the stage's child run, every rank tags its node (the library itself never
+    imports MLflow)."""
 
     def __init__(self, uri: str, run_id: str):
         self.client = None
@@ -101,6 +102,16 @@ class _MlflowLogger:
             import mlflow
 
             self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+
+    def tag_node(self, rank: int, step: int) -> None:
+        """Tag the run with the Ray node this rank runs on, at each (re)start of the worker group: the tag
+        `lawm.worker_node/rank<r>/step<s>` says where the model was trained, and that every node reached the store."""
+        if self.client is None:
+            return
+        import ray
+
+        self.client.set_tag(self.run_id, f"lawm.worker_node/rank{rank}/step{step}",
+                            ray.get_runtime_context().get_node_id())
 
     def __call__(self, metrics: dict, step: int) -> None:
         if self.client is None:
@@ -133,7 +144,9 @@ def train_worker(config: dict) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         _restore_rank_rng(state, rank, world, job.seed)
-    log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
+    # every rank tags its node (a client per rank: 2.0 s of CPU, measured with a sqlite store); rank 0 logs metrics
+    log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id)
+    log.tag_node(rank, trainer.step)
     if rank == 0:
         _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
     ds, loader = _loader(job, job.train_urls, job.train.shuffle, repeat=True)

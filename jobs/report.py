@@ -9,11 +9,20 @@ LPIPS on decoded frames; ours: L1 in representation or pixel space at CPU scale 
 Outputs in `<run.root>/report/`: `report.md` (pictures as files under `pictures/`), `report.html` (self-contained:
 pictures inlined as base64), both logged as artifacts. Every file is written to a temp name and renamed; the
 runner writes `_stage.json` last.
+
+A sweep (`jobs/sweep.py`) ends in `sweep_report`: the same reading (each trial's markers name its runs, the figures
+come from those MLflow runs) and the same page writer, one row per trial and, when `run.seed` is an axis, one row
+per setting with the mean ± sd over its seeds. Outputs in the sweep's root: `sweep.md`, `sweep.html`, `sweep.csv`
+(written after every trial ended; each to a temp name, renamed), logged to a run tagged `lawm.stage=report` and
+`lawm.sweep_table=<sweep>`.
 """
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
+import math
 import os
 import shutil
 import subprocess
@@ -318,6 +327,98 @@ def run_report(cfg: ReportConfig, ctx: StageContext) -> dict:
     ctx.log_artifact(picture_dir, "report/pictures")
     return {"report_md": str(md), "report_html": str(page),
             "metrics": {"report/tables": len(tabs), "report/pictures": sum(len(r.pictures) for r in runs.values())}}
+
+
+# ---------------------------------------------------------------------------------------------- a sweep's table
+
+# the figures of a trial's row: (stage, metric key in its MLflow run)
+SWEEP_FIGURES = (("train_lam", "val_one_step_error"), ("train_lam", "val_copy_error"),
+                 ("eval_leakage", "leakage/ratio"), ("eval_leakage", "leakage/vs_copy"),
+                 ("eval_transfer", "transfer/cycle_increase"), ("eval_probe", "probe/r2"))
+SEED_AXIS = "run.seed"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The one CSV writer of result tables: a column for every key any row has, written to a temp name and renamed."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def trial_figures(client, troot: Path) -> dict[str, float | None]:
+    """SWEEP_FIGURES of one trial, read from the MLflow runs its stage markers name (None where a stage did not
+    finish, names no run, or its run lacks the metric)."""
+    from jobs.runner import marker
+
+    runs: dict[str, dict] = {}
+    out: dict[str, float | None] = {}
+    for stage, key in SWEEP_FIGURES:
+        if stage not in runs:
+            run_id = (marker(troot, stage) or {}).get("mlflow_run_id")
+            runs[stage] = dict(client.get_run(run_id).data.metrics) if run_id else {}
+        out[f"{stage}:{key}"] = runs[stage].get(key)
+    return out
+
+
+def seed_means(rows: list[dict], axes: list[str], figures: list[str]) -> list[dict]:
+    """One row per setting of the axes other than the seed: each figure's mean, sd (n-1) and count over the seeds
+    whose trial finished, non-finite values left out. Settings keep the trials' order."""
+    others = [a for a in axes if a != SEED_AXIS]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[a] for a in others), []).append(row)
+    out = []
+    for setting, members in groups.items():
+        row = dict(zip(others, setting))
+        row["seeds ok"] = f"{sum(m['status'] == 'ok' for m in members)}/{len(members)}"
+        for fig in figures:
+            vals = [m[fig] for m in members if m["status"] == "ok" and isinstance(m.get(fig), float)
+                    and math.isfinite(m[fig])]
+            mean = sum(vals) / len(vals) if vals else None
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+            row[fig] = (mean, sd, len(vals))
+        out.append(row)
+    return out
+
+
+def sweep_report(*, name: str, axes: dict[str, list], trials: dict[str, dict], status: dict[str, int], root: Path,
+                 tracking_uri: str = "") -> dict[str, Path]:
+    """The table across a finished sweep (see the module's docstring). `trials`: name → its axis values; `status`:
+    name → the trial's exit code. Returns the paths written."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri or None)
+    rows = []
+    for tname, point in trials.items():
+        code = status.get(tname)
+        rows.append({"trial": tname, **point, "status": "ok" if code == 0 else f"exit {code}",
+                     **trial_figures(client, root / "trials" / tname)})
+    figures = [f"{stage}:{key}" for stage, key in SWEEP_FIGURES]
+    paths = {"csv": root / "sweep.csv", "md": root / "sweep.md", "html": root / "sweep.html"}
+    write_csv(rows, paths["csv"])
+    cols = ["trial", *axes, "status", *figures]
+    blocks: list[tuple] = [("table", "Every trial", cols, [[fmt(r[c], 4) for c in cols] for r in rows],
+                            "One row per trial; figures read from each trial's MLflow runs. — : the stage did not "
+                            "finish or was not run.")]
+    if SEED_AXIS in axes and len(axes[SEED_AXIS]) > 1:
+        means = seed_means(rows, list(axes), figures)
+        head = [a for a in axes if a != SEED_AXIS] + ["seeds ok"]
+        cell = lambda m: "—" if m[0] is None else fmt(m[0], 4) + (f" ± {fmt(m[1], 4)}" if m[1] is not None else "")  # noqa: E731
+        blocks.append(("table", "Mean ± sd over seeds", head + figures,
+                       [[str(r[h]) for h in head] + [cell(r[f]) for f in figures] for r in means],
+                       "sd over the seeds whose trial finished (n-1); a trial that failed adds no number."))
+    axis_text = ", ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in axes.items())
+    write_page(title=f"Sweep {name}", blocks=[("text", f"Axes: {axis_text}."), *blocks], md_path=paths["md"],
+               html_path=paths["html"], max_bytes=0)
+    with mlflow.start_run(run_name=f"{name}-report", tags={"lawm.sweep_table": name, "lawm.stage": "report"}):
+        mlflow.log_params({f"axis.{k}": ",".join(map(str, v)) for k, v in axes.items()})
+        mlflow.log_metrics({"sweep/trials": len(trials), "sweep/trials_ok": sum(v == 0 for v in status.values())})
+        for path in paths.values():
+            mlflow.log_artifact(str(path))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------- checking the page

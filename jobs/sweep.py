@@ -7,7 +7,8 @@ concurrent trials on the Ray cluster, sharing the data stages, and write one tab
 Layout under run.root:
   shared/<stage>/           the stages no axis touches (generate ... encode, and more when the axes allow), run once
   trials/<trial>/<stage>/   one pipeline per grid point; the shared stages appear there as symlinks to shared/
-  sweep.md, sweep.csv       one row per trial: its axis values and its figures (written last, atomically)
+  sweep.md, sweep.html, sweep.csv   the report stage's table across the trials (jobs/report.sweep_report):
+                            one row per trial, and the mean ± sd over seeds when run.seed is an axis (written last)
 MLflow: every trial logs into the sweep's store (run.root/mlflow.db unless MLFLOW_TRACKING_URI is set), its parent
 run named `<name>-<trial>` and tagged `lawm.sweep`, so the compare view lines the trials up.
 
@@ -24,10 +25,7 @@ and validated before anything runs.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -37,13 +35,9 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable (
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lawm.config import ConfigError, load  # noqa: E402
-from lawm.files import atomic_write_bytes  # noqa: E402
 
 DATA_STAGES = ("generate", "ingest", "simulate", "ingest_sim", "encode")
 ROOT = Path(__file__).resolve().parents[1]
-# the figures of a trial's table row: (stage, metric key in its _stage.json outputs)
-FIGURES = (("train_lam", "val_one_step_error"), ("train_lam", "val_copy_error"), ("eval_leakage", "leakage/ratio"),
-           ("eval_leakage", "leakage/vs_copy"), ("eval_transfer", "transfer/cycle_increase"), ("eval_probe", "probe/r2"))
 
 
 def parse_axes(pairs: list[str]) -> dict[str, list]:
@@ -173,37 +167,6 @@ def stage_metrics(troot: Path, stage: str) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def sweep_table(root: Path, trials: dict[str, dict], status: dict[str, int]) -> list[dict]:
-    rows = []
-    for name, point in trials.items():
-        row = {"trial": name, **point, "status": "ok" if status.get(name) == 0 else f"exit {status.get(name)}"}
-        for stage, key in FIGURES:
-            row[f"{stage}:{key}"] = stage_metrics(root / "trials" / name, stage).get(key)
-        rows.append(row)
-    return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """The one CSV writer of sweep tables: a column for every key any row has, written to a temp name and renamed."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def write_table(root: Path, rows: list[dict], axes: dict[str, list]) -> None:
-    cols = list(rows[0])
-    write_csv(rows, root / "sweep.csv")
-
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    md = [f"# Sweep over {', '.join(axes)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    atomic_write_bytes(root / "sweep.md", ("\n".join(md) + "\n").encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -249,17 +212,13 @@ def main(argv: list[str] | None = None) -> int:
                                         f"run.name={args.name}-{name}", f"run.sweep={args.name}"], own)
                                 for name, point in trials.items()})
 
-    # 3. one table across the sweep
-    rows = sweep_table(root, trials, status)
-    write_table(root, rows, axes)
-    import mlflow
+    # 3. one table across the sweep, by the report stage's reader and writer
+    from jobs.report import sweep_report
 
-    with mlflow.start_run(run_name=f"{args.name}-table", tags={"lawm.sweep_table": args.name}):
-        mlflow.log_params({f"axis.{k}": ",".join(map(str, v)) for k, v in axes.items()})
-        mlflow.log_artifact(str(root / "sweep.md"))
-        mlflow.log_artifact(str(root / "sweep.csv"))
+    paths = sweep_report(name=args.name, axes=axes, trials=trials, status=status, root=root,
+                         tracking_uri=env.get("MLFLOW_TRACKING_URI", ""))
     print(f"sweep {args.name}: {sum(v == 0 for v in status.values())}/{len(trials)} trials ok; "
-          f"table: {root / 'sweep.md'}")
+          f"table: {paths['md']} ({paths['html'].name} beside it)")
     return 0 if all(v == 0 for v in status.values()) else 1
 
 

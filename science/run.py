@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value on top of the configuration, e.g. run.root=…")
     args = parser.parse_args(argv)
     from jobs.config import PipelineConfig
-    from jobs.report import write_page
+    from jobs.report import write_csv, write_page
     from jobs.stages import RENAMED_STAGES
-    from jobs.sweep import connect, run_shared, run_trials, write_csv
+    from jobs.sweep import connect, run_shared, run_trials
 
     config = str(HERE / "config.yaml")
     overrides = list(args.overrides)

@@ -54,3 +54,71 @@ def stop_server(proc, children: list) -> tuple:
         except ProcessLookupError:
             pass
     return rc, alive
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(url: str, body: dict | None = None) -> dict:
+    """GET (no body) or POST a JSON body to an MLflow REST endpoint; the decoded reply."""
+    import json
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+class MlflowServer:
+    """`infra/mlflow/serve.sh` (what `make mlflow-server` runs) on a free loopback port, its data under `folder`.
+    Entered: waits for /health (~8 s alone, up to ~30 s with other tests on the 2 cores); `url`, `port`, `data`,
+    `stdout`, `stderr` set. Left: SIGTERM and `stop_server`; `rc` and `alive` then hold what it returned."""
+
+    def __init__(self, folder: Path, timeout: float = 90.0):
+        self.folder, self.timeout = folder, timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data, self.stdout, self.stderr = folder / "server", folder / "server.stdout", folder / "server.stderr"
+        self.rc, self.alive, self.children = None, [], []
+
+    def __enter__(self) -> "MlflowServer":
+        import sys
+        import time
+        import urllib.request
+
+        import psutil
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(PORT=str(self.port), MLFLOW_DATA_DIR=str(self.data))
+        env.pop("HOST", None)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        repo = Path(__file__).resolve().parents[1]
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(["bash", str(repo / "infra" / "mlflow" / "serve.sh")], env=env, cwd=repo,
+                                         stdout=out, stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                assert self.proc.poll() is None, self.stderr.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "no /health:\n" + self.stderr.read_text()[-3000:]
+                time.sleep(0.5)
+            self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        except BaseException:
+            stop_server(self.proc, self.children)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rc, self.alive = stop_server(self.proc, self.children)  # serve.sh execs mlflow: SIGTERM reaches it

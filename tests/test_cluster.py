@@ -2,15 +2,18 @@
 dirs and ports, one carrying a custom resource. The job runs the pipeline from generate to train_lam, shipped as a
 working directory holding an edit to `datasets/` that was never installed, and loses a worker node mid-training.
 
-It proves: the job succeeded and its outputs and MLflow runs exist; Ray Data's encode actors and Ray Train's workers
-ran on several nodes; training survived the lost node through its checkpoint; every process that imported
-`lawm_datasets` (the driver and workers on several nodes) imported the uploaded copy, not the installed checkout."""
+It proves: the job succeeded and its outputs exist; every stage logged through a real MLflow tracking server (what
+`make mlflow-server` starts), training workers on other nodes than the head included, and nothing went to a local
+store; Ray Data's encode actors and Ray Train's workers ran on several nodes; training survived the lost node through
+its checkpoint; every process that imported `lawm_datasets` (the driver and workers on several nodes) imported the
+uploaded copy, not the installed checkout."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+from conftest import MlflowServer, rest
 from infra.local_cluster import LocalCluster, working_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +42,7 @@ def test_ray_job_submit_spreads_over_the_nodes_uses_the_uploaded_code_and_surviv
     from tests.test_pipeline import TINY
 
     nodes = [{"num_cpus": 1}, {"num_cpus": 1, "resources": {"second_node": 1}}, {"num_cpus": 1}]
-    with LocalCluster(nodes=nodes) as cluster:
+    with LocalCluster(nodes=nodes) as cluster, MlflowServer(cluster.base) as server:
         resources = cluster.wait_for_nodes(3)
         assert sum("second_node" in r for r in resources) == 1, resources
         root, imports = cluster.base / "root", cluster.base / "imports.log"
@@ -67,19 +70,33 @@ def test_ray_job_submit_spreads_over_the_nodes_uses_the_uploaded_code_and_surviv
              "--stages", STAGES, *TINY, "train_lam.scaling.num_workers=2", "train_lam.train.steps=400",
              "train_lam.train.ckpt_every=40", "train_lam.train.log_every=10"],
             working_dir=_working_dir(cluster.base / "wd"),
-            runtime_env={"env_vars": {"LAWM_TEST_IMPORT_LOG": str(imports)}}, timeout=1200)
+            runtime_env={"env_vars": {"LAWM_TEST_IMPORT_LOG": str(imports), "MLFLOW_TRACKING_URI": server.url}},
+            timeout=1200)
         watcher.join(timeout=5)
         assert killed.get("pids"), f"no worker node was killed: {killed}\n{log[-3000:]}"
         assert ok, log[-6000:]
 
-        # outputs and MLflow runs, on storage every node sees (here: one machine's disk)
+        # outputs on storage every node sees (here: one machine's disk); runs in the tracking server, none local
         for stage in STAGES.split(","):
             assert json.loads((root / stage / "_stage.json").read_text())["stage"] == stage
-        import mlflow
-
-        client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        assert set(STAGES.split(",")) <= {r.data.tags.get("lawm.stage") for r in runs if r.info.status == "FINISHED"}
+        assert not (root / "mlflow.db").exists() and not (root / "mlartifacts").exists()
+        exps = rest(f"{server.url}/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]
+        runs = rest(f"{server.url}/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [e["experiment_id"] for e in exps], "max_results": 100})["runs"]
+        tags = lambda run: {t["key"]: t["value"] for t in run["data"].get("tags", [])}  # noqa: E731
+        finished = {tags(r).get("lawm.stage"): r for r in runs if r["info"]["status"] == "FINISHED"}
+        assert set(STAGES.split(",")) <= set(finished), sorted(finished)
+        lam = finished["train_lam"]
+        # rank 0 logged its step metrics from a training worker; every rank tagged its node at each (re)start,
+        # through the server, from nodes other than the head
+        history = rest(f"{server.url}/api/2.0/mlflow/metrics/get-history?run_id={lam['info']['run_id']}"
+                       "&metric_key=pred_loss").get("metrics", [])
+        assert len({m["step"] for m in history}) >= 10, history
+        placed = {k: v for k, v in tags(lam).items() if k.startswith("lawm.worker_node/")}
+        head_id = next(n["node_id"] for n in cluster.list_state("nodes") if n["is_head_node"])
+        assert {"lawm.worker_node/rank0/step0", "lawm.worker_node/rank1/step0"} <= set(placed), placed
+        assert len(placed) >= 4, placed  # the first start and the restart after the lost node
+        assert set(placed.values()) - {head_id}, placed
 
         # training resumed from its checkpoint after the node was lost, and finished
         events = [json.loads(x) for x in progress.read_text().splitlines()]
@@ -95,6 +112,7 @@ def test_ray_job_submit_spreads_over_the_nodes_uses_the_uploaded_code_and_surviv
         encode = set().union(*(v for k, v in by_class.items() if "EncodeActor" in k))
         assert len(encode) >= 2 and len(by_class.get("RayTrainWorker", ())) >= 2, by_class
         assert killed["node_id"] in by_class["RayTrainWorker"]
+        assert killed["node_id"] in placed.values()  # a worker on the lost node had tagged the run through the server
 
         # every import of lawm_datasets came from the uploaded working directory, on more than one node
         lines = [line.split(" ", 1) for line in imports.read_text().splitlines()]

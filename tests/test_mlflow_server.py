@@ -13,17 +13,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import time
 import typing
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import stop_server
+from conftest import MlflowServer, rest
 
 from jobs import tracking
 from jobs.config import PipelineConfig
@@ -32,7 +28,6 @@ from lawm.models.regularizers import RegConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
-SERVE = REPO / "infra" / "mlflow" / "serve.sh"
 # the small overrides of tests/test_pipeline.py
 SMALL = ["generate.synthetic.n_videos=4", "generate.synthetic.seconds=5", "generate.synthetic.size=[64,64]",
          "generate.real_samples=false", "ingest.size=32", "ingest.min_shards=1"]
@@ -172,57 +167,22 @@ def test_make_target_runs_the_script_this_test_starts():
     assert out.stdout.splitlines()[-1].strip().startswith("infra/mlflow/serve.sh"), out.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rest(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"{}")
-
-
 def kv(items: list[dict]) -> dict[str, str]:
     return {i["key"]: i["value"] for i in items}
 
 
 @pytest.mark.slow
 def test_pipeline_logs_through_a_real_server(tmp_path, ray_local, monkeypatch):
-    import psutil
-
     from jobs.full_pipeline import main
 
-    port = free_port()
-    data = tmp_path / "server"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PORT=str(port), MLFLOW_DATA_DIR=str(data))
-    env.pop("HOST", None)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    out, err = open(tmp_path / "stdout", "wb"), open(tmp_path / "stderr", "wb")
-    proc = subprocess.Popen(["bash", str(SERVE)], env=env, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
-    children: list = []
-    try:
-        deadline = time.monotonic() + 90  # ~8 s alone; up to ~30 s with other tests on the 2 cores
-        while True:
-            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no /health:\n" + (tmp_path / "stderr").read_text()[-3000:]
-            time.sleep(0.5)
-        children = psutil.Process(proc.pid).children(recursive=True)
-
+    server = MlflowServer(tmp_path)
+    with server:
+        port, data = server.port, server.data
         # the URI the script tells the user to export is the one that works
-        exports = re.findall(r"^export MLFLOW_TRACKING_URI=(\S+)$", (tmp_path / "stdout").read_text(), re.M)
+        exports = re.findall(r"^export MLFLOW_TRACKING_URI=(\S+)$", server.stdout.read_text(), re.M)
         assert exports == [f"http://127.0.0.1:{port}"], exports
         runs_link = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
-        assert runs_link in (tmp_path / "stderr").read_text()
+        assert runs_link in server.stderr.read_text()
         url = exports[0]
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         root = tmp_path / "run"
@@ -257,10 +217,7 @@ def test_pipeline_logs_through_a_real_server(tmp_path, ray_local, monkeypatch):
         # artifacts went through the server into its own folder (the ingest run's marker among them)
         stored = [p for p in (data / "artifacts").rglob("_stage.json") if ingest["info"]["run_id"] in str(p)]
         assert stored and json.loads(stored[0].read_text())["mlflow_run_id"] == ingest["info"]["run_id"]
-    finally:
-        rc, alive = stop_server(proc, children)  # serve.sh execs mlflow: SIGTERM reaches the server itself
-        out.close()
-        err.close()
+    rc, alive = server.rc, server.alive
     assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), f"no clean stop on SIGTERM: {rc}"
     assert not alive, f"server processes left behind: {alive}"
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):

@@ -59,7 +59,9 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     rows = list(csv.DictReader((root / "sweep.csv").open()))
     assert [r["trial"] for r in rows] == ["beta=1e-4", "beta=1e-2"] and all(r["status"] == "ok" for r in rows)
     assert all(float(r["train_lam:val_one_step_error"]) > 0 for r in rows)
-    assert "| beta=1e-2 |" in (root / "sweep.md").read_text()
+    page = (root / "sweep.md").read_text()
+    assert "| beta=1e-2 |" in page and "Mean ± sd over seeds" not in page  # no seed axis: no seed table
+    assert "<td>beta=1e-2</td>" in (root / "sweep.html").read_text()
     # one store: the shared run and both trials' parent runs, the trials tagged with the sweep
     import mlflow
 
@@ -71,11 +73,17 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     assert [r.data.tags["lawm.torch_threads"] for r in runs] == ["1", "1"]
     table = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                "tags.`lawm.sweep_table` = 'beta'")
-    assert [f.path for f in client.list_artifacts(table[0].info.run_id)] == ["sweep.csv", "sweep.md"]
+    assert [f.path for f in client.list_artifacts(table[0].info.run_id)] == ["sweep.csv", "sweep.html", "sweep.md"]
+    assert table[0].data.tags["lawm.stage"] == "report" and table[0].data.metrics["sweep/trials_ok"] == 2
+    # the figures are the trials' MLflow metrics (the report stage's source), not copies kept elsewhere
+    from jobs.runner import marker
+
+    for r in rows:
+        run = client.get_run(marker(root / "trials" / r["trial"], "train_lam")["mlflow_run_id"])
+        assert float(r["train_lam:val_one_step_error"]) == run.data.metrics["val_one_step_error"]
 
     # a rerun redoes nothing (every stage of the shared run and of each trial is skipped), and a trial whose marker
     # was cut short is redone instead of read
-    from jobs.runner import marker
 
     before = {t: marker(root / "trials" / t, "train_lam")["mlflow_run_id"] for t in trials}
     (root / "trials" / "beta=1e-2" / "train_lam" / "_stage.json").write_text('{"hash": ')
@@ -85,6 +93,20 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     after = {t: marker(root / "trials" / t, "train_lam")["mlflow_run_id"] for t in trials}
     assert after["beta=1e-4"] == before["beta=1e-4"] and after["beta=1e-2"] != before["beta=1e-2"]
     assert [r["status"] for r in csv.DictReader((root / "sweep.csv").open())] == ["ok", "ok"]
+
+
+def test_seed_means_leave_out_failed_trials_and_missing_numbers():
+    from jobs.report import seed_means
+
+    fig = "train_lam:val_one_step_error"
+    rows = [{"reg": "a", "run.seed": 0, "status": "ok", fig: 1.0},
+            {"reg": "a", "run.seed": 1, "status": "ok", fig: 3.0},
+            {"reg": "a", "run.seed": 2, "status": "exit 1", fig: 100.0},  # a failed trial adds no number
+            {"reg": "b", "run.seed": 0, "status": "ok", fig: None},
+            {"reg": "b", "run.seed": 1, "status": "ok", fig: float("nan")}]
+    a, b = seed_means(rows, ["reg", "run.seed"], [fig])
+    assert (a["reg"], a["seeds ok"], a[fig]) == ("a", "2/3", (2.0, 2 ** 0.5, 2))
+    assert (b["reg"], b["seeds ok"], b[fig]) == ("b", "2/2", (None, None, 0))
 
 
 def test_trial_drivers_share_the_node_threads():
