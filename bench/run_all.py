@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 BENCHES = ["bench_ingest", "bench_models", "bench_datasets", "bench_train", "bench_encode", "bench_planning",
            "bench_cluster"]
 QUICK_ARGS = {"bench_ingest": {"quick": True}, "bench_encode": {"quick": True}, "bench_planning": {"quick": True}}
+# a full run measures the cluster path on make demo's whole pipeline (~40 min on 2 CPUs); --quick on the small one
+FULL_ARGS = {"bench_cluster": {"demo": True}}
 
 
 def main() -> int:
@@ -34,7 +36,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            result = importlib.import_module(name).main(**(QUICK_ARGS.get(name, {}) if args.quick else {}))
+            result = importlib.import_module(name).main(**(QUICK_ARGS if args.quick else FULL_ARGS).get(name, {}))
         except Exception as err:  # one broken bench must not hide the others
             print(f"{name} failed: {err.__class__.__name__}: {err}", flush=True)
             failed.append(name)

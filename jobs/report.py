@@ -347,19 +347,25 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def trial_figures(client, troot: Path) -> dict[str, float | None]:
+def trial_figures(client, troot: Path) -> dict:
     """SWEEP_FIGURES of one trial, read from the MLflow runs its stage markers name (None where a stage did not
-    finish, names no run, or its run lacks the metric)."""
+    finish, names no run, or its run lacks the metric), and `unreadable`: the stages whose named run the store
+    does not have (another store, a deleted run), so that one lost run costs a cell, not the sweep's table."""
     from jobs.runner import marker
 
     runs: dict[str, dict] = {}
-    out: dict[str, float | None] = {}
+    unreadable = []
+    out: dict = {}
     for stage, key in SWEEP_FIGURES:
         if stage not in runs:
             run_id = (marker(troot, stage) or {}).get("mlflow_run_id")
-            runs[stage] = dict(client.get_run(run_id).data.metrics) if run_id else {}
+            try:
+                runs[stage] = dict(client.get_run(run_id).data.metrics) if run_id else {}
+            except Exception:  # noqa: BLE001 - MlflowException for an unknown id: say so in the row
+                runs[stage] = {}
+                unreadable.append(stage)
         out[f"{stage}:{key}"] = runs[stage].get(key)
-    return out
+    return {**out, "unreadable": ",".join(unreadable)}
 
 
 def seed_means(rows: list[dict], axes: list[str], figures: list[str]) -> list[dict]:
@@ -399,10 +405,10 @@ def sweep_report(*, name: str, axes: dict[str, list], trials: dict[str, dict], s
     figures = [f"{stage}:{key}" for stage, key in SWEEP_FIGURES]
     paths = {"csv": root / "sweep.csv", "md": root / "sweep.md", "html": root / "sweep.html"}
     write_csv(rows, paths["csv"])
-    cols = ["trial", *axes, "status", *figures]
+    cols = ["trial", *axes, "status", *figures] + (["unreadable"] if any(r["unreadable"] for r in rows) else [])
     blocks: list[tuple] = [("table", "Every trial", cols, [[fmt(r[c], 4) for c in cols] for r in rows],
                             "One row per trial; figures read from each trial's MLflow runs. — : the stage did not "
-                            "finish or was not run.")]
+                            "finish or was not run; `unreadable`: stages whose run is not in this store.")]
     if SEED_AXIS in axes and len(axes[SEED_AXIS]) > 1:
         means = seed_means(rows, list(axes), figures)
         head = [a for a in axes if a != SEED_AXIS] + ["seeds ok"]

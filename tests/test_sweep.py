@@ -95,6 +95,26 @@ def test_a_small_sweep_shares_data_and_tabulates_every_trial(tmp_path, monkeypat
     assert [r["status"] for r in csv.DictReader((root / "sweep.csv").open())] == ["ok", "ok"]
 
 
+def test_a_run_missing_from_the_store_costs_its_cells_not_the_table(tmp_path):
+    import mlflow
+
+    from jobs.report import trial_figures
+    from lawm.files import atomic_write_json
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "val_one_step_error", 0.25)
+    atomic_write_json(tmp_path / "t" / "train_lam" / "_stage.json", {"stage": "train_lam",
+                                                                     "mlflow_run_id": run.info.run_id})
+    atomic_write_json(tmp_path / "t" / "eval_leakage" / "_stage.json", {"stage": "eval_leakage",
+                                                                        "mlflow_run_id": "0" * 32})
+    row = trial_figures(client, tmp_path / "t")
+    assert row["train_lam:val_one_step_error"] == 0.25 and row["train_lam:val_copy_error"] is None
+    assert row["eval_leakage:leakage/ratio"] is None and row["unreadable"] == "eval_leakage"
+    assert row["eval_probe:probe/r2"] is None  # never ran: no marker, not unreadable
+
+
 def test_seed_means_leave_out_failed_trials_and_missing_numbers():
     from jobs.report import seed_means
 
