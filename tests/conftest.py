@@ -78,13 +78,14 @@ def rest(url: str, body: dict | None = None) -> dict:
 class MlflowServer:
     """`infra/mlflow/serve.sh` (what `make mlflow-server` runs) on a free loopback port, its data under `folder`.
     Entered: waits for /health (~8 s alone, up to ~30 s with other tests on the 2 cores); `url`, `port`, `data`,
-    `stdout`, `stderr` set. Left: SIGTERM and `stop_server`; `rc` and `alive` then hold what it returned."""
+    `stdout`, `stderr`, `proc` and `env` (the server's environment) set. Left: SIGTERM and `stop_server`; `rc`
+    and `alive` then hold what it returned."""
 
-    def __init__(self, folder: Path, timeout: float = 90.0):
-        self.folder, self.timeout = folder, timeout
+    def __init__(self, folder: Path, timeout: float = 90.0, data_name: str = "server", extra_env: dict | None = None):
+        self.folder, self.timeout, self.extra_env = folder, timeout, extra_env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.data, self.stdout, self.stderr = folder / "server", folder / "server.stdout", folder / "server.stderr"
+        self.data, self.stdout, self.stderr = folder / data_name, folder / "server.stdout", folder / "server.stderr"
         self.rc, self.alive, self.children = None, [], []
 
     def __enter__(self) -> "MlflowServer":
@@ -95,9 +96,10 @@ class MlflowServer:
         import psutil
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(PORT=str(self.port), MLFLOW_DATA_DIR=str(self.data))
-        env.pop("HOST", None)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(PORT=str(self.port), MLFLOW_DATA_DIR=str(self.data), **self.extra_env)
+        env.pop("HOST", None)  # the default must be loopback
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's mlflow
+        self.env = env
         repo = Path(__file__).resolve().parents[1]
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(["bash", str(repo / "infra" / "mlflow" / "serve.sh")], env=env, cwd=repo,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shlex
 import signal
@@ -20,13 +19,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import stop_server
+from conftest import MlflowServer
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,12 +522,6 @@ def test_mlflow_manifest():
 # infra/mlflow/serve.sh, for real
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_status(url: str, host: str | None = None) -> int:
     req = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
@@ -573,28 +565,11 @@ def test_serve_sh_serves_on_loopback_and_stops_on_sigterm(tmp_path):
     import psutil
     from mlflow import MlflowClient
 
-    port = free_port()
-    data = tmp_path / "mlflow data"  # a space: paths are arguments, never shell text
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PORT=str(port), MLFLOW_DATA_DIR=str(data), ALLOWED_HOSTS=f"mlflow.test:{port},127.0.0.1:*,localhost:*")
-    env.pop("HOST", None)  # the default must be loopback
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's mlflow
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(["bash", str(INFRA / "mlflow" / "serve.sh")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60  # ~20 s measured on the shared 2 cores, cold
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if http_status(url + "/health") == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no /health in 60 s:\n" + (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-
+    server = MlflowServer(tmp_path, timeout=60, data_name="mlflow data")  # a space: paths are arguments, not shell
+    port, data, url = server.port, server.data, server.url
+    server.extra_env["ALLOWED_HOSTS"] = f"mlflow.test:{port},127.0.0.1:*,localhost:*"
+    with server:
+        proc, env = server.proc, server.env
         # exec: the script's pid is MLflow itself; it and its workers listen on 127.0.0.1 only
         cmd = psutil.Process(proc.pid).cmdline()
         assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
@@ -626,10 +601,7 @@ def test_serve_sh_serves_on_loopback_and_stops_on_sigterm(tmp_path):
         # artifacts went through the server into its destination folder
         assert list((data / "artifacts").rglob("note.txt")), "artifacts are not in the server's destination"
         assert (data / "mlflow.db").is_file()
-    finally:
-        children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        rc, alive = stop_server(proc, children)
-        log.close()
+    rc, alive = server.rc, server.alive
     assert rc is not None, "serve.sh did not stop on SIGTERM within 30 s"
     assert rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM), rc
     assert not alive, f"server processes left behind after SIGTERM: {alive}"
