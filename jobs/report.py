@@ -368,6 +368,17 @@ def trial_figures(client, troot: Path) -> dict:
     return {**out, "unreadable": ",".join(unreadable)}
 
 
+def mean_sd(values) -> tuple[float | None, float | None, int]:
+    """Mean, standard deviation (n-1) and count of the finite floats among `values`; None where undefined (no
+    value; one value for the sd). The one place seed statistics are computed (the sweep table, the science report)."""
+    vals = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    if not vals:
+        return None, None, 0
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return mean, sd, len(vals)
+
+
 def seed_means(rows: list[dict], axes: list[str], figures: list[str]) -> list[dict]:
     """One row per setting of the axes other than the seed: each figure's mean, sd (n-1) and count over the seeds
     whose trial finished, non-finite values left out. Settings keep the trials' order."""
@@ -380,11 +391,7 @@ def seed_means(rows: list[dict], axes: list[str], figures: list[str]) -> list[di
         row = dict(zip(others, setting))
         row["seeds ok"] = f"{sum(m['status'] == 'ok' for m in members)}/{len(members)}"
         for fig in figures:
-            vals = [m[fig] for m in members if m["status"] == "ok" and isinstance(m.get(fig), float)
-                    and math.isfinite(m[fig])]
-            mean = sum(vals) / len(vals) if vals else None
-            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-            row[fig] = (mean, sd, len(vals))
+            row[fig] = mean_sd(m.get(fig) for m in members if m["status"] == "ok")
         out.append(row)
     return out
 

@@ -94,14 +94,12 @@ def collect(root: Path, trials: dict, status: dict[str, int]) -> list[dict]:
 
 
 def stats(rows: list[dict], key: str, **where) -> tuple[float, float, int]:
-    """Mean, standard deviation (n-1) and count of `key` over the rows matching `where` (seeds), NaNs left out."""
-    vals = [r[key] for r in rows if all(r.get(k) == v for k, v in where.items())
-            and isinstance(r.get(key), float) and math.isfinite(r[key])]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    mean = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else float("nan")
-    return mean, sd, len(vals)
+    """Mean, standard deviation (n-1) and count of `key` over the rows matching `where` (seeds), NaNs left out;
+    NaN where undefined (the verdict rules compare with NaN-aware tests)."""
+    from jobs.report import mean_sd
+
+    mean, sd, n = mean_sd(r.get(key) for r in rows if all(r.get(k) == v for k, v in where.items()))
+    return (float("nan") if mean is None else mean), (float("nan") if sd is None else sd), n
 
 
 def pm(rows, key, **where) -> str:
