@@ -45,7 +45,10 @@ class LocalCluster:
         self.nodes, self.timeout = nodes, start_timeout_s
         self.base = Path(tempfile.mkdtemp(prefix="lawm-rc-", dir="/tmp"))
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
+                    # as a local instance polls (pipelines/ray_env.py): the nodes share one machine, and the bench
+                    # compares this cluster with local mode
+                    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
         self.env.pop("RAY_ADDRESS", None)
         self.gcs, dash, self.client_port = free_ports(3)
         self.dashboard = f"http://127.0.0.1:{dash}"

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class TrainJob:
     val_batches: int = 4  # the validation sample: val_batches x batch_size clips over all held-out videos
     audit_keys: bool = False  # each rank appends the clip keys it trained on to keys-rank<r>.txt
     run_dir: str = ""  # <storage>/<run name>, set by fit()
+    metric_prefix: str = ""  # the per-domain fits of one stage log into its run as <prefix><metric> (e.g. nav/)
 
 
 def _decode_fn(kind: str, labels: bool = True):
@@ -96,8 +98,8 @@ class _MlflowLogger:
     """Rank 0 logs step metrics into the stage's child run, every rank tags its node (the library itself never
     imports MLflow)."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.client = None
+    def __init__(self, uri: str, run_id: str, prefix: str = ""):
+        self.client, self.prefix = None, prefix
         if uri and run_id:
             import mlflow
 
@@ -105,12 +107,13 @@ class _MlflowLogger:
 
     def tag_node(self, rank: int, step: int) -> None:
         """Tag the run with the Ray node this rank runs on, at each (re)start of the worker group: the tag
-        `lawm.worker_node/rank<r>/step<s>` says where the model was trained, and that every node reached the store."""
+        `lawm.worker_node/<prefix>rank<r>/step<s>` says where the model was trained, and that every node reached the
+        store."""
         if self.client is None:
             return
         import ray
 
-        self.client.set_tag(self.run_id, f"lawm.worker_node/rank{rank}/step{step}",
+        self.client.set_tag(self.run_id, f"lawm.worker_node/{self.prefix}rank{rank}/step{step}",
                             ray.get_runtime_context().get_node_id())
 
     def __call__(self, metrics: dict, step: int) -> None:
@@ -119,7 +122,8 @@ class _MlflowLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(self.prefix + k, float(v), ts, step)
+                                                            for k, v in metrics.items()])
 
 
 def _progress(job: TrainJob, event: dict) -> None:
@@ -145,7 +149,7 @@ def train_worker(config: dict) -> None:
         trainer.load_state_dict(state)
         _restore_rank_rng(state, rank, world, job.seed)
     # every rank tags its node (a client per rank: 2.0 s of CPU, measured with a sqlite store); rank 0 logs metrics
-    log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id)
+    log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id, job.metric_prefix)
     log.tag_node(rank, trainer.step)
     if rank == 0:
         _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
@@ -318,7 +322,7 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
 
 def fit(job: TrainJob, run_name: str) -> dict:
     """Run the job on Ray Train. Rerunning with the same `run_name` (same stage folder) resumes from its last
-    checkpoint. Returns {"models": {name: path}, "eval": {...}, "checkpoint": path}."""
+    checkpoint. Returns {"models": {name: path}, "eval": {...}, "checkpoint": path, "seconds": the fit's wall time}."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -335,9 +339,57 @@ def fit(job: TrainJob, run_name: str) -> dict:
     job.run_dir = str(storage.absolute() / run_name)
     trainer = TorchTrainer(train_worker, train_loop_config={"job": job}, scaling_config=scaling, run_config=run_config,
                            torch_config=ray.train.torch.TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"))
+    start = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
     out = json.loads((Path(job.out_dir) / "result.json").read_text())
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    out["seconds"] = time.perf_counter() - start
     return out
+
+
+def fits_at_once(jobs: int, scaling: ScalingSection) -> int:
+    """How many of a stage's independent fits (one per domain) the cluster holds side by side: their worker groups
+    must all fit in the resources free now, or the later ones would only wait for the earlier ones. The demo's
+    per-domain fits have one 1-CPU worker each, so on 2 CPUs both run at once."""
+    import ray
+
+    free = ray.available_resources()
+    room = free.get("CPU", 0.0) // (scaling.num_workers * scaling.cpus_per_worker)
+    if scaling.use_gpu:
+        room = min(room, free.get("GPU", 0.0) // (scaling.num_workers * scaling.gpus_per_worker))
+    return int(max(1, min(jobs, room)))
+
+
+def fit_all(jobs: dict[str, tuple[TrainJob, str]], *, at_once: int) -> dict[str, dict]:
+    """`fit(job, run_name)` for every entry, `at_once` at a time; the results by key. Each fit's start-up (~10 s of
+    controller and worker processes) overlaps the others'. Daemon threads, and the caller waits in short joins:
+    Ctrl-C reaches it at once, and an interrupted driver exits without waiting for the fits (Ray's shutdown at exit
+    ends them). Raises the first error in key order once every fit has ended: the others' checkpoints are on disk
+    for the rerun."""
+    if at_once <= 1:
+        return {key: fit(job, name) for key, (job, name) in jobs.items()}
+    gate = threading.Semaphore(at_once)
+    results: dict[str, dict] = {}
+    errors: dict[str, BaseException] = {}
+
+    def one(key: str, job: TrainJob, name: str) -> None:
+        with gate:
+            try:
+                results[key] = fit(job, name)
+            except BaseException as err:  # handed to the caller's thread below
+                errors[key] = err
+
+    threads = [threading.Thread(target=one, args=(key, job, name), name=f"fit-{key}", daemon=True)
+               for key, (job, name) in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)
+    for key in jobs:
+        if key in errors:
+            raise errors[key]
+    return results
+

@@ -24,7 +24,7 @@ from lawm.training.loop import TrainConfig
 
 from jobs.plots import plot_progress
 from jobs.runner import StageContext
-from jobs.ray_train import ScalingSection, TrainJob, fit
+from jobs.ray_train import ScalingSection, TrainJob, fit, fit_all, fits_at_once
 
 DOMAINS = ("nav", "manip")
 
@@ -78,17 +78,22 @@ def _encoded(ctx: StageContext) -> dict:
     return ctx.inputs["encode"]["outputs"]
 
 
-def _fit(ctx: StageContext, *, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
-         scaling: ScalingSection, shards: str | Path, kind: str, run_name: str, labels: bool) -> dict:
+def _job(ctx: StageContext, *, stage_dir: Path, name: str, build, kwargs: dict, train: TrainConfig,
+         scaling: ScalingSection, shards: str | Path, kind: str, labels: bool, metric_prefix: str = "") -> TrainJob:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    job = TrainJob(stage=name, build=build, build_kwargs=kwargs, train=train, scaling=scaling,
-                   train_urls=shard_urls(shards, "train"), val_urls=_maybe_urls(shards, "val"), data_kind=kind,
-                   labels=labels, out_dir=str(stage_dir), seed=ctx.seed, tracking_uri=ctx.tracking_uri,
-                   mlflow_run_id=ctx.mlflow_run_id)
-    result = fit(job, run_name)
-    picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=name)
+    return TrainJob(stage=name, build=build, build_kwargs=kwargs, train=train, scaling=scaling,
+                    train_urls=shard_urls(shards, "train"), val_urls=_maybe_urls(shards, "val"), data_kind=kind,
+                    labels=labels, out_dir=str(stage_dir), seed=ctx.seed, tracking_uri=ctx.tracking_uri,
+                    mlflow_run_id=ctx.mlflow_run_id, metric_prefix=metric_prefix)
+
+
+def _log_fit(ctx: StageContext, job: TrainJob, result: dict) -> dict:
+    """The driver's share of a fit: its curves and exported models as artifacts of the stage's run (main thread:
+    MLflow's active run is per thread)."""
+    stage_dir = Path(job.out_dir)
+    picture = plot_progress(stage_dir / "progress.jsonl", stage_dir / "training_curves.png", title=job.stage)
     ctx.log_artifact(picture, "plots")
-    ctx.log_artifact(stage_dir / "result.json", name)
+    ctx.log_artifact(stage_dir / "result.json", job.stage)
     where = stage_dir.relative_to(ctx.out_dir).as_posix()  # per-domain stages: nav/models, manip/models
     for path in result["models"].values():  # the exported models, loadable with lawm.checkpoint.load_model
         ctx.log_artifact(path, "models" if where == "." else f"{where}/models")
@@ -105,9 +110,10 @@ def _maybe_urls(shards: str | Path, split: str) -> list[str]:
 def run_train_lam(cfg: TrainLAMConfig, ctx: StageContext) -> dict:
     enc = _encoded(ctx)
     lam_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"])
-    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_lam", build=build_lam,
-                  kwargs={"lam_cfg": lam_cfg, "window": cfg.window}, train=cfg.train, scaling=cfg.scaling,
-                  shards=enc["features"], kind="features", run_name=cfg.run_name, labels=False)
+    job = _job(ctx, stage_dir=ctx.out_dir, name="train_lam", build=build_lam,
+               kwargs={"lam_cfg": lam_cfg, "window": cfg.window}, train=cfg.train, scaling=cfg.scaling,
+               shards=enc["features"], kind="features", labels=False)
+    result = _log_fit(ctx, job, fit(job, cfg.run_name))
     return {"model": result["models"]["lam"], "checkpoint": result["checkpoint"], "metrics": result["eval"]}
 
 
@@ -117,9 +123,10 @@ def run_train_decoder(cfg: TrainDecoderConfig, ctx: StageContext) -> dict:
     dec_cfg = dataclasses.replace(cfg.model, feat_dim=enc["dim"], grid_h=enc["grid_h"], grid_w=enc["grid_w"],
                                   image_size=enc_cfg.image_size, tubelet=enc["tubelet"])
     shards = ctx.upstream("ingest", "shards")
-    result = _fit(ctx, stage_dir=ctx.out_dir, name="train_decoder", build=build_decoder,
-                  kwargs={"dec_cfg": dec_cfg, "enc_cfg": enc_cfg}, train=cfg.train, scaling=cfg.scaling,
-                  shards=shards, kind="clips", run_name=cfg.run_name, labels=False)
+    job = _job(ctx, stage_dir=ctx.out_dir, name="train_decoder", build=build_decoder,
+               kwargs={"dec_cfg": dec_cfg, "enc_cfg": enc_cfg}, train=cfg.train, scaling=cfg.scaling,
+               shards=shards, kind="clips", labels=False)
+    result = _log_fit(ctx, job, fit(job, cfg.run_name))
     picture = prediction_picture(result["models"]["decoder"], ctx.upstream("train_lam", "model"), enc_cfg, shards,
                                  ctx.out_dir / "predictions.png")
     ctx.log_artifact(picture, "plots")
@@ -163,18 +170,26 @@ def action_dim(shards: str | Path) -> int:
 
 
 def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
+    """One fit per domain with data, side by side when the cluster holds them (`fits_at_once`); each logs its step
+    metrics into the stage's run as `<domain>/<metric>`."""
     enc = _encoded(ctx)
-    outputs: dict = {"metrics": {}}
+    jobs: dict[str, TrainJob] = {}
     for domain in cfg.data.domains:
         shards = enc.get(f"{domain}_features")
         if not shards:
             continue
         kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale.get(domain, 1.0))
-        result = _fit(ctx, stage_dir=ctx.out_dir / domain, name=f"{stage}_{domain}", build=build, kwargs=kwargs,
-                      train=cfg.train, scaling=cfg.scaling, shards=shards, kind="features",
-                      run_name=f"{cfg.run_name}_{domain}", labels=True)
+        jobs[domain] = _job(ctx, stage_dir=ctx.out_dir / domain, name=f"{stage}_{domain}", build=build, kwargs=kwargs,
+                            train=cfg.train, scaling=cfg.scaling, shards=shards, kind="features", labels=True,
+                            metric_prefix=f"{domain}/")
+    results = fit_all({d: (job, f"{cfg.run_name}_{d}") for d, job in jobs.items()},
+                      at_once=fits_at_once(len(jobs), cfg.scaling))
+    outputs: dict = {"metrics": {}}
+    for domain, result in results.items():
+        _log_fit(ctx, jobs[domain], result)
         outputs.update({f"{domain}_{name}": path for name, path in result["models"].items()})
         outputs["metrics"].update({f"{domain}_{k}": v for k, v in result["eval"].items()})
+        outputs["metrics"][f"{domain}_fit_seconds"] = result["seconds"]
     (ctx.out_dir / "summary.json").write_text(json.dumps(outputs, indent=1))
     return outputs
 

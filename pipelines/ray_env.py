@@ -15,6 +15,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
+    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a
+    # worker's ray.train.report (every checkpoint) blocks until a poll collects it. Measured on the quiet 2-core
+    # machine, a fit of one worker that only reports 5 times: 22.3 s at 2 s (the reports 8.1 s of it), 12.7 s at
+    # 0.5 s (2.0 s); the rest is starting the controller and worker processes. The polls cost next to nothing here.
+    # Set before ray.init: the processes Ray starts inherit it. A cluster keeps its own setting.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # The dashboard (127.0.0.1 only) serves the state API that Ray Train's clean-up actors poll.
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level="WARNING")

@@ -157,6 +157,15 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
     wm_action = records["train_wm_action"]["mlflow_run_id"]
     assert [f.path for d in ("nav", "manip") for f in client.list_artifacts(wm_action, f"{d}/models")] == \
         ["nav/models/action_wm.pt", "manip/models/action_wm.pt"]
+    # the per-domain fits of a stage ran side by side (2 CPUs, one 1-CPU worker each): the stage took less than its
+    # fits one after the other; each logged its own curves into the stage's run under its domain (before, both
+    # wrote `lr`, `loss`, ... at the same steps of the same run)
+    for stage in ("train_controller", "train_wm_action"):
+        run_id, fits = records[stage]["mlflow_run_id"], records[stage]["outputs"]["metrics"]
+        assert records[stage]["seconds"] < 0.8 * (fits["nav_fit_seconds"] + fits["manip_fit_seconds"]), fits
+        for d in ("nav", "manip"):
+            assert [m.step for m in client.get_metric_history(run_id, f"{d}/lr")] == [3, 6], (stage, d)
+        assert "lr" not in client.get_run(run_id).data.metrics
 
     # evaluation numbers exist and are finite, under the keys the issue names
     metrics = {k: v for name in STAGE_NAMES if name.startswith("eval_")

@@ -200,3 +200,39 @@ def test_training_without_labels_reads_the_same_clips(features, tmp_path):
     decode = pickle.loads(pickle.dumps(_decode_fn("features", labels=False)))
     raw = next(iter(ShardDataset(job.train_urls[:1], dict, shuffle=0)))  # the tar members of one sample, undecoded
     assert "labels.npz" in raw and decode(raw)["labels"] == {}
+
+
+def test_fit_all_runs_side_by_side_and_raises_the_first_error_after_every_fit_ended(monkeypatch, ray_local):
+    """The per-domain stages' fits (jobs/ray_train.fit_all): `at_once` at a time, every fit ends before the first
+    error (in key order) is raised, and `fits_at_once` counts the worker groups the free CPUs hold. `fit` itself is
+    replaced here: what is under test is the scheduling; the real fits run side by side in test_pipeline."""
+    import jobs.ray_train as rt
+
+    running, peak, ended = [0], [0], []
+    lock = threading.Lock()
+
+    def fake_fit(job, name):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.3 if name != "slow" else 1.0)
+        with lock:
+            running[0] -= 1
+            ended.append(name)
+        if name.startswith("bad"):
+            raise RuntimeError(f"{name} failed")
+        return {"name": name}
+
+    monkeypatch.setattr(rt, "fit", fake_fit)
+    jobs = {k: (None, k) for k in ("a", "b", "c")}
+    assert rt.fit_all(jobs, at_once=2) == {k: {"name": k} for k in jobs} and peak[0] == 2
+    peak[0] = 0
+    assert rt.fit_all(jobs, at_once=1) == {k: {"name": k} for k in jobs} and peak[0] == 1
+    ended.clear()
+    with pytest.raises(RuntimeError, match="bad1 failed"):
+        rt.fit_all({"x": (None, "bad1"), "y": (None, "slow"), "z": (None, "bad2")}, at_once=3)
+    assert sorted(ended) == ["bad1", "bad2", "slow"]  # the slow fit was not abandoned
+    cpus = ray_local.available_resources()["CPU"]
+    assert rt.fits_at_once(2, ScalingSection(num_workers=1, cpus_per_worker=1)) == min(2, int(cpus))
+    assert rt.fits_at_once(2, ScalingSection(num_workers=1, cpus_per_worker=cpus + 1)) == 1  # never 0
+    assert rt.fits_at_once(5, ScalingSection(num_workers=2, cpus_per_worker=cpus / 2)) == 1
