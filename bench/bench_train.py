@@ -1,14 +1,20 @@
 """Training figures: Ray Train step throughput ÷ a bare PyTorch loop of the same model and data, in this process,
 on the same cores; the share of step time spent waiting for data; and the step-time overhead of the loop's
-non-finite guard (the guarded loop ÷ the loop as it was before the guard, interleaved in this process).
+non-finite guard (the guarded loop ÷ the loop as it was before the guard, interleaved in this process); and a
+per-domain stage's two small fits as they ran before (one after the other, Ray Train polling its workers every 2 s)
+÷ as they run now (side by side, polling every 0.5 s), each way in a child process of its own (the poll interval is
+read when Ray starts).
 
     python bench/bench_train.py                # all figures (the Ray one builds cached features first)
     python bench/bench_train.py --guard-only [--quick] [--threads 1]  # just the guard's overhead, in-memory data
+    python bench/bench_train.py --stage-fits-only                     # just the per-domain stage's two fits
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +32,7 @@ from lawm.models.lam import lam_preset  # noqa: E402
 from lawm.training.loop import Trainer, TrainConfig  # noqa: E402
 from lawm.training.optim import OptimConfig  # noqa: E402
 
-from jobs.ray_train import ScalingSection, TrainJob, _loader, fit  # noqa: E402
+from jobs.ray_train import ScalingSection, TrainJob, _loader, fit, fit_all  # noqa: E402
 from lawm.training.builders import build_lam  # noqa: E402
 
 CACHE = ROOT / "bench" / "results" / "cache" / "train-features"
@@ -139,6 +145,51 @@ def guard_overhead(rounds: int = 12, steps: int = 20, batch: int = 16, threads: 
     return result
 
 
+def _stage_fits(at_once: int, steps: int = 20, reports: int = 4) -> float:
+    """Wall seconds of two 1-worker fits of the tiny LAM (a checkpoint report every steps/reports steps), `at_once`
+    at a time, on a local Ray of 2 CPUs started here: what train_controller / train_wm_action do per domain."""
+    from pipelines.ray_env import ensure_ray
+
+    feats = feature_shards()
+    lam = lam_preset("tiny", feat_dim=feats["dim"], grid_h=feats["grid_h"], grid_w=feats["grid_w"])
+    train = TrainConfig(steps=steps, batch_size=8, log_every=steps // reports, ckpt_every=steps // reports,
+                        loader_workers=0, optim=OptimConfig(lr=1e-3))
+    ensure_ray(CPUS)
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = {d: (TrainJob(stage=f"bench_{d}", build=build_lam, build_kwargs={"lam_cfg": lam, "window": 4},
+                             train=train, scaling=ScalingSection(num_workers=1, cpus_per_worker=1),
+                             train_urls=shard_urls(feats["features"], "train"), val_urls=[], data_kind="features",
+                             out_dir=str(Path(tmp) / d)), f"bench_{d}") for d in ("nav", "manip")}
+        for job, _ in jobs.values():
+            Path(job.out_dir).mkdir()
+        start = time.perf_counter()
+        fit_all(jobs, at_once=at_once)
+        return time.perf_counter() - start
+
+
+def stage_fits() -> dict:
+    """The per-domain stage's two fits, before ÷ now, each way in a fresh child process (Ray and its poll interval
+    start with it); the order alternates over two rounds so neither way always runs on a warmer machine."""
+    ways = {"before": ("2.0", 1), "now": ("0.5", 2)}
+    seconds: dict[str, list[float]] = {w: [] for w in ways}
+    feature_shards()  # built once, outside the timed children
+    for order in (("before", "now"), ("now", "before")):
+        for way in order:
+            interval, at_once = ways[way]
+            env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": interval}
+            env.pop("RAY_ADDRESS", None)
+            code = f"import bench_train; print('SECONDS', bench_train._stage_fits({at_once}))"
+            done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                                  capture_output=True, text=True, timeout=900, check=True)
+            seconds[way].append(float(done.stdout.rsplit("SECONDS", 1)[1].split()[0]))
+            print(f"stage fits {way}: {seconds[way][-1]:.1f} s", flush=True)
+    before, now = min(seconds["before"]), min(seconds["now"])
+    result = {"stage_fits_before_s": before, "stage_fits_now_s": now, "stage_fits_speedup": before / now,
+              "stage_fits_rounds": seconds}
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main(steps: int = 120) -> dict:
     from pipelines.ray_env import ensure_ray
 
@@ -168,11 +219,13 @@ def main(steps: int = 120) -> dict:
               "data_wait_share_ray": _steady([m["data_wait_share"] for m in ray_logs]),
               "data_wait_share_bare": _steady([m["data_wait_share"] for m in bare_logs]), "stall_goal": 0.05}
     print(json.dumps(result, indent=1))
-    return {**result, **guard_overhead()}
+    return {**result, **guard_overhead(), **stage_fits()}
 
 
 if __name__ == "__main__":
-    if "--guard-only" in sys.argv[1:]:  # [--quick] [--threads N]
+    if "--stage-fits-only" in sys.argv[1:]:
+        stage_fits()
+    elif "--guard-only" in sys.argv[1:]:  # [--quick] [--threads N]
         args = sys.argv[1:]
         guard_overhead(**({"rounds": 6, "steps": 10} if "--quick" in args else {}),
                        threads=int(args[args.index("--threads") + 1]) if "--threads" in args else CPUS)
