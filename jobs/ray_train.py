@@ -122,8 +122,8 @@ class _MlflowLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(self.prefix + k, float(v), ts, step)
-                                                            for k, v in metrics.items()])
+        batch = [Metric(self.prefix + k, float(v), ts, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
 
 
 def _progress(job: TrainJob, event: dict) -> None:
@@ -392,4 +392,3 @@ def fit_all(jobs: dict[str, tuple[TrainJob, str]], *, at_once: int) -> dict[str,
         if key in errors:
             raise errors[key]
     return results
-
