@@ -145,6 +145,15 @@ def guard_overhead(rounds: int = 12, steps: int = 20, batch: int = 16, threads: 
     return result
 
 
+def _lam_job(feats: dict, lam, train: TrainConfig, *, stage: str, cpus: int, out_dir: Path) -> TrainJob:
+    """One 1-worker training job of the tiny LAM (window 4) on the cached features' train split."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return TrainJob(stage=stage, build=build_lam, build_kwargs={"lam_cfg": lam, "window": 4}, train=train,
+                    scaling=ScalingSection(num_workers=1, cpus_per_worker=cpus),
+                    train_urls=shard_urls(feats["features"], "train"), val_urls=[], data_kind="features",
+                    out_dir=str(out_dir))
+
+
 def _stage_fits(at_once: int, steps: int = 20, reports: int = 4) -> float:
     """Wall seconds of two 1-worker fits of the tiny LAM (a checkpoint report every steps/reports steps), `at_once`
     at a time, on a local Ray of 2 CPUs started here: what train_controller / train_wm_action do per domain."""
@@ -156,12 +165,8 @@ def _stage_fits(at_once: int, steps: int = 20, reports: int = 4) -> float:
                         loader_workers=0, optim=OptimConfig(lr=1e-3))
     ensure_ray(CPUS)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = {d: (TrainJob(stage=f"bench_{d}", build=build_lam, build_kwargs={"lam_cfg": lam, "window": 4},
-                             train=train, scaling=ScalingSection(num_workers=1, cpus_per_worker=1),
-                             train_urls=shard_urls(feats["features"], "train"), val_urls=[], data_kind="features",
-                             out_dir=str(Path(tmp) / d)), f"bench_{d}") for d in ("nav", "manip")}
-        for job, _ in jobs.values():
-            Path(job.out_dir).mkdir()
+        jobs = {d: (_lam_job(feats, lam, train, stage=f"bench_{d}", cpus=1, out_dir=Path(tmp) / d), f"bench_{d}")
+                for d in ("nav", "manip")}
         start = time.perf_counter()
         fit_all(jobs, at_once=at_once)
         return time.perf_counter() - start
@@ -198,10 +203,7 @@ def main(steps: int = 120) -> dict:
     train = TrainConfig(steps=steps, batch_size=16, log_every=20, ckpt_every=steps, loader_workers=1, shuffle=64,
                         optim=OptimConfig(lr=1e-3))
     with tempfile.TemporaryDirectory() as tmp:
-        job = TrainJob(stage="bench", build=build_lam, build_kwargs={"lam_cfg": lam, "window": 4}, train=train,
-                       scaling=ScalingSection(num_workers=1, cpus_per_worker=CPUS),
-                       train_urls=shard_urls(feats["features"], "train"), val_urls=[], data_kind="features",
-                       out_dir=tmp)
+        job = _lam_job(feats, lam, train, stage="bench", cpus=CPUS, out_dir=Path(tmp))
         # bare PyTorch: the same objective, loader and loop, no Ray
         torch.set_num_threads(CPUS)
         ds, loader = _loader(job, job.train_urls, train.shuffle, repeat=True)
