@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -236,3 +237,29 @@ def test_fit_all_runs_side_by_side_and_raises_the_first_error_after_every_fit_en
     assert rt.fits_at_once(2, ScalingSection(num_workers=1, cpus_per_worker=1)) == min(2, int(cpus))
     assert rt.fits_at_once(2, ScalingSection(num_workers=1, cpus_per_worker=cpus + 1)) == 1  # never 0
     assert rt.fits_at_once(5, ScalingSection(num_workers=2, cpus_per_worker=cpus / 2)) == 1
+
+
+def test_ctrl_c_during_side_by_side_fits_stops_the_driver_at_once(tmp_path):
+    """fit_all's docstring promises it: Ctrl-C reaches the waiting driver, which exits without waiting for the fits
+    (they would run on for 2 minutes here)."""
+    import subprocess
+
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import jobs.ray_train as rt
+        rt.fit = lambda job, name: time.sleep(120)
+        print("fitting", flush=True)
+        rt.fit_all({{"nav": (None, "nav"), "manip": (None, "manip")}}, at_once=2)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "fitting"
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - sent < 10 and proc.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    finally:
+        proc.kill()
