@@ -36,6 +36,9 @@ class ManipConfig:
     width: int = 96
     height: int = 96
     cameras: int = 1  # 1: front view; 2: front + side (two videos per episode, same labels)
+    # Camera 0: "exterior" (fixed per episode, jittered across episodes) or "wrist" (rides with the hand, looking
+    # past the fingers at the table, as DROID's wrist camera; then camera 1, when asked for, is the front view).
+    view: str = "exterior"
     seed: int = 0
     val_fraction: float = 0.25
     n_objects: int = 3
@@ -49,6 +52,7 @@ class ManipConfig:
         require(self.width >= 16 and self.height >= 16 and self.width % 2 == 0 and self.height % 2 == 0,
                 "width", "width and height must be even and >= 16")
         require(self.cameras in (1, 2), "cameras", "must be 1 or 2")
+        require(self.view in ("exterior", "wrist"), "view", f"{self.view!r}: must be 'exterior' or 'wrist'")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(0.0 < self.max_delta <= 0.1, "max_delta", "must be in (0, 0.1] m")
         require(1 <= self.n_objects <= 6, "n_objects", "must be 1..6")
@@ -61,7 +65,7 @@ class ManipWorld(sc.PybulletWorld):
         self.cfg = cfg
         super().__init__("lawm-manip-tex-")
         self.objects: list[int] = []
-        self.cams: list[tuple[list[float], list[float]]] = []
+        self.cams: list[tuple[list[float], list[float]] | None] = []  # None: the wrist camera, placed per frame
         self.touching = False
 
     def build(self, seed: int) -> None:
@@ -83,7 +87,8 @@ class ManipWorld(sc.PybulletWorld):
             c.resetJointState(self.robot, j, 0.04)
         self.objects = []  # the old ids died with resetSimulation (a second build() used to crash on them)
         self.objects = [self._object(rng, k) for k in range(cfg.n_objects)]
-        self.cams = [self._camera(rng, k) for k in range(cfg.cameras)]
+        exterior = [self._camera(rng, k) for k in range(cfg.cameras)]  # drawn either way: same scene per seed
+        self.cams = [None] + exterior[:cfg.cameras - 1] if cfg.view == "wrist" else exterior
         self.gripper_cmd = 0.0
         start = rng.uniform(WORKSPACE_LO + [0.05, 0.05, 0.12], WORKSPACE_HI - 0.05)
         for _ in range(3):  # bring the hand into the workspace and let the objects settle
@@ -162,8 +167,18 @@ class ManipWorld(sc.PybulletWorld):
         """Hand or fingers touching anything: then the arm may lag its command (pushing, pressing)."""
         return any(pt[3] >= 8 for pt in self.client.getContactPoints(bodyA=self.robot))
 
+    def _wrist(self) -> tuple[list[float], list[float]]:
+        """On the hand's front, above the finger tips, looking forward and down at the table ahead of them; the hand
+        keeps its orientation (IK holds it pointing down), so the camera only translates with the commanded deltas."""
+        ee = self.ee_pos()
+        view = self.client.computeViewMatrix((ee + [0.05, 0.0, 0.08]).tolist(), (ee + [0.20, 0.0, -0.08]).tolist(),
+                                             [0, 0, 1])
+        proj = self.client.computeProjectionMatrixFOV(self.cfg.fov, self.cfg.width / self.cfg.height, 0.02, 5.0)
+        return view, proj
+
     def render(self) -> list[np.ndarray]:
-        return [sc.camera_rgb(self.client, self.cfg.width, self.cfg.height, v, p) for v, p in self.cams]
+        return [sc.camera_rgb(self.client, self.cfg.width, self.cfg.height, *(cam or self._wrist()))
+                for cam in self.cams]
 
 
 class ReachPushPolicy:
@@ -233,7 +248,7 @@ def _episode_task(cfg: ManipConfig, index: int, out_dir: str, split: str) -> lis
         path = Path(out_dir) / f"manip_{index:05d}_cam{cam}.mp4"
         sc.write_episode(path, frames, labels, sc.CONTROL_HZ)
         rows.append({"path": str(path), "split": split, "episode": index, "seed": seed, "domain": "sim_manip",
-                     "camera": cam, "fps": sc.CONTROL_HZ, "n_frames": len(frames), "width": cfg.width,
+                     "camera": cam, "view": cfg.view if cam == 0 else "exterior", "fps": sc.CONTROL_HZ, "n_frames": len(frames), "width": cfg.width,
                      "height": cfg.height})
     return rows
 

@@ -366,13 +366,20 @@ def eval_closed_loop(cfg: EvalPlanningConfig, domain: str, models: DomainModels,
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def _check_env_size(ctx: StageContext, domain: str, env_cfg) -> None:
-    manifest = ctx.upstream("simulate", f"{domain}_manifest")
-    table = pd.read_parquet(manifest, columns=["width", "height"])
+def check_env(manifest: str | Path, domain: str, env_cfg) -> None:
+    """The closed loop's simulator must render what the models were trained on (the `simulate` manifest): same
+    frame size and, for manip, the same camera (a manifest from before `view` existed was the exterior view)."""
+    table = pd.read_parquet(manifest)
     w, h = int(table["width"].iloc[0]), int(table["height"].iloc[0])
     if (env_cfg.width, env_cfg.height) != (w, h):
         raise ValueError(f"eval_planning.{domain}_env: {env_cfg.width}x{env_cfg.height} differs from the simulated "
                          f"training episodes' {w}x{h}; set it to match simulate.{domain}")
+    if domain == "manip":
+        cam0 = table[table["camera"] == 0] if "camera" in table else table
+        view = str(cam0["view"].iloc[0]) if "view" in cam0 else "exterior"
+        if env_cfg.view != view:
+            raise ValueError(f"eval_planning.manip_env.view: {env_cfg.view!r} differs from the simulated training "
+                             f"episodes' {view!r}; set it to match simulate.manip.view")
 
 
 def nav_picture(traj: pd.DataFrame, png: Path, spacing: float, count: int = 6) -> Path:
@@ -434,7 +441,8 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
             if not features:
                 raise ValueError(f"eval_planning: no {domain} features from `encode` (simulate.{domain} disabled?); "
                                  f"drop {domain} from eval_planning.domains")
-            _check_env_size(ctx, domain, cfg.nav_env if domain == "nav" else cfg.manip_env)
+            check_env(ctx.upstream("simulate", f"{domain}_manifest"), domain,
+                      cfg.nav_env if domain == "nav" else cfg.manip_env)
             episodes = held_out_episodes(features, domain)
             section = cfg.nav if domain == "nav" else cfg.manip
             models = _planners(ctx, cfg, domain, section.cem, section.cost)

@@ -103,6 +103,31 @@ def test_manip_same_seed_same_episode(manip_episode):
     assert not np.allclose(other["ee_pos"], lab["ee_pos"])
 
 
+def test_manip_wrist_camera_rides_with_the_hand():
+    """The wrist view: same scene and labels as the exterior view for a seed; still when the hand is, and a hand
+    move changes far more of it than of the exterior view (the whole view shifts, not a few pixels of arm)."""
+    wrist_cfg = sim_manip.ManipConfig(steps=4, width=48, height=48, view="wrist")
+    views, lab = sim_manip.run_episode(wrist_cfg, 5)
+    ext_lab = sim_manip.run_episode(sim_manip.ManipConfig(steps=4, width=48, height=48), 5)[1]
+    assert lab["ee_pos"].astype(np.float32).tobytes() == ext_lab["ee_pos"].astype(np.float32).tobytes()
+    changed = {}
+    for view in ("wrist", "exterior"):
+        world = sim_manip.ManipWorld(sim_manip.ManipConfig(width=48, height=48, view=view))
+        try:
+            world.build(11)
+            world.apply(np.zeros(4))  # let anything still moving settle
+            still = world.render()[0]
+            world.apply(np.zeros(4))
+            assert np.abs(world.render()[0].astype(int) - still).mean() < 1.0, view
+            world.apply(np.array([0.04, 0.04, 0.0, 0.0]))
+            changed[view] = (np.abs(world.render()[0].astype(int) - still).sum(-1) > 30).mean()
+        finally:
+            world.close()
+    assert changed["wrist"] > 0.3 and changed["wrist"] > 3 * changed["exterior"], changed
+    with pytest.raises(ValueError, match="view"):
+        from_dict(sim_manip.ManipConfig, {"view": "top"})
+
+
 def test_run_simulate_writes_both_manifests(tmp_path):
     cfg = from_dict(SimulateConfig, {
         "use_ray": False,

@@ -188,3 +188,26 @@ def test_eval_planning_refuses_bad_inputs(upstream):
     assert not (root / "eval_planning" / "_stage.json").exists()
     with pytest.raises(Exception, match="elites"):
         _config(root, manip={"cem": {"samples": 2, "elites": 3, "iterations": 1, "horizon": 3}})
+
+
+def test_closed_loop_env_must_match_the_simulated_episodes(tmp_path):
+    """The closed loop renders with eval_planning's env configs: a frame size or manip camera other than the one
+    the models were trained on is refused, naming the setting to change; a manifest without `view` is exterior."""
+    from jobs.eval_planning import check_env
+    from lawm_datasets import sim_manip, sim_nav
+
+    manifest = tmp_path / "manip.parquet"
+    pd.DataFrame({"width": [96, 96], "height": [96, 96], "camera": [0, 1],
+                  "view": ["wrist", "exterior"]}).to_parquet(manifest)
+    check_env(manifest, "manip", sim_manip.ManipConfig(width=96, height=96, view="wrist"))
+    with pytest.raises(ValueError, match="simulate.manip.view"):
+        check_env(manifest, "manip", sim_manip.ManipConfig(width=96, height=96))
+    with pytest.raises(ValueError, match="differs from the simulated training episodes' 96x96"):
+        check_env(manifest, "manip", sim_manip.ManipConfig(width=64, height=64, view="wrist"))
+    pd.DataFrame({"width": [96], "height": [96], "camera": [0]}).to_parquet(manifest)
+    check_env(manifest, "manip", sim_manip.ManipConfig(width=96, height=96))
+    with pytest.raises(ValueError, match="simulate.manip.view"):
+        check_env(manifest, "manip", sim_manip.ManipConfig(width=96, height=96, view="wrist"))
+    nav = tmp_path / "nav.parquet"
+    pd.DataFrame({"width": [96], "height": [96]}).to_parquet(nav)
+    check_env(nav, "nav", sim_nav.NavConfig(width=96, height=96))
