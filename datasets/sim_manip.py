@@ -36,8 +36,8 @@ class ManipConfig:
     width: int = 96
     height: int = 96
     cameras: int = 1  # 1: front view; 2: front + side (two videos per episode, same labels)
-    # Camera 0: "exterior" (fixed per episode, jittered across episodes) or "wrist" (rides with the hand, looking
-    # past the fingers at the table, as DROID's wrist camera; then camera 1, when asked for, is the front view).
+    # Camera 0: "exterior" (fixed per episode, jittered across episodes) or "wrist" (rides on the hand, as DROID's
+    # wrist camera, looking down at the table ahead of the fingers; then camera 1, when asked for, is the front view).
     view: str = "exterior"
     seed: int = 0
     val_fraction: float = 0.25
@@ -248,8 +248,8 @@ def _episode_task(cfg: ManipConfig, index: int, out_dir: str, split: str) -> lis
         path = Path(out_dir) / f"manip_{index:05d}_cam{cam}.mp4"
         sc.write_episode(path, frames, labels, sc.CONTROL_HZ)
         rows.append({"path": str(path), "split": split, "episode": index, "seed": seed, "domain": "sim_manip",
-                     "camera": cam, "view": cfg.view if cam == 0 else "exterior", "fps": sc.CONTROL_HZ, "n_frames": len(frames), "width": cfg.width,
-                     "height": cfg.height})
+                     "camera": cam, "view": cfg.view if cam == 0 else "exterior", "fps": sc.CONTROL_HZ,
+                     "n_frames": len(frames), "width": cfg.width, "height": cfg.height})
     return rows
 
 
