@@ -67,12 +67,18 @@ def bare_ffmpeg(videos: list[Path], cfg: IngestConfig) -> float:
     return time.perf_counter() - t0
 
 
+def throughput_videos(quick: bool) -> list[Path]:
+    """The throughput bench's 720p30 sources (distinct content), made once and cached."""
+    n, seconds = (2, 20) if quick else (4, 60)
+    folder = CACHE / f"tput-distinct-{n}x{seconds}"
+    return [make_source(folder / f"v{i}.mp4", seconds, "1280x720", 30, seed=i) for i in range(n)]
+
+
 def throughput(quick: bool) -> dict:
     from pipelines.ray_env import ensure_ray
 
-    n, seconds = (2, 20) if quick else (4, 60)
-    folder = CACHE / f"tput-distinct-{n}x{seconds}"
-    videos = [make_source(folder / f"v{i}.mp4", seconds, "1280x720", 30, seed=i) for i in range(n)]
+    videos = throughput_videos(quick)
+    folder, n = videos[0].parent, len(videos)
     cfg = from_dict(IngestConfig, {"input": str(folder), "size": 256, "shard_mb": 64})
     source_frames = sum(probe(v).frames for v in videos)
     ensure_ray(CPUS)
@@ -105,10 +111,11 @@ def throughput(quick: bool) -> dict:
             "probe_s": probing, "probe_share": probing / (ingest * CPUS)}
 
 
+_DEFAULT = IngestConfig()
 ENCODINGS = (  # (label, codec, preset, crf); the first is ingest's default
-    ("x264 ultrafast crf18", "libx264", "ultrafast", 18), ("x264 ultrafast crf23", "libx264", "ultrafast", 23),
-    ("x264 superfast crf18", "libx264", "superfast", 18), ("x264 veryfast crf18", "libx264", "veryfast", 18),
-    ("x264 ultrafast lossless", "libx264", "ultrafast", 0))
+    (f"default: {_DEFAULT.codec} {_DEFAULT.preset} crf{_DEFAULT.crf}", _DEFAULT.codec, _DEFAULT.preset, _DEFAULT.crf),
+    ("x264 ultrafast crf23", "libx264", "ultrafast", 23), ("x264 superfast crf18", "libx264", "superfast", 18),
+    ("x264 veryfast crf18", "libx264", "veryfast", 18), ("x264 ultrafast lossless", "libx264", "ultrafast", 0))
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +129,7 @@ def encodings(quick: bool) -> dict:
     from lawm.data.video import decode_clip, encode_clip, stream_frames
 
     n = 4 if quick else 10
-    sources = {"noisy_720p": make_source(CACHE / "tput-distinct-4x60" / "v0.mp4", 60, "1280x720", 30, seed=0)}
+    sources = {"noisy_720p": throughput_videos(quick)[0]}
     sources.update({p.stem: p for p in real_sample_paths()[:1]})
     out = {}
     for name, video in sources.items():
