@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,8 +119,10 @@ ENCODINGS = (  # (label, codec, preset, crf); the first is ingest's default
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-10))
+    """lawm's PSNR (mean over frames) of two uint8 clips."""
+    from lawm.models.decoder import psnr
+
+    return psnr(torch.from_numpy(a) / 255.0, torch.from_numpy(b) / 255.0)
 
 
 def encodings(quick: bool) -> dict:
