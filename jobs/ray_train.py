@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lawm.config import require
+from lawm.files import atomic_write_json
 from lawm.training.loop import Trainer, TrainConfig, set_rng_state, to_device
 
 
@@ -316,7 +317,7 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
             n += clips
         evaluation = {f"val_{k}": v / n for k, v in sums.items()} if n else {}
         log(evaluation, job.train.steps)
-    (Path(job.out_dir) / "result.json").write_text(json.dumps({"models": paths, "eval": evaluation}, indent=1))
+    atomic_write_json(Path(job.out_dir) / "result.json", {"models": paths, "eval": evaluation})  # fit() reads it
     _progress(job, {"event": "end", "step": job.train.steps})
 
 

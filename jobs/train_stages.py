@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 from lawm.checkpoint import load_checkpoint, load_model
 from lawm.config import require
 from lawm.data.clips import shard_urls
+from lawm.files import atomic_write_json
 from lawm.models.action_wm import ActionWMConfig
 from lawm.models.controllers import ControllerConfig
 from lawm.models.decoder import DecoderConfig
@@ -190,7 +190,7 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
         outputs.update({f"{domain}_{name}": path for name, path in result["models"].items()})
         outputs["metrics"].update({f"{domain}_{k}": v for k, v in result["eval"].items()})
         outputs["metrics"][f"{domain}_fit_seconds"] = result["seconds"]
-    (ctx.out_dir / "summary.json").write_text(json.dumps(outputs, indent=1))
+    atomic_write_json(ctx.out_dir / "summary.json", outputs)  # a crash leaves the old file or none, never half
     return outputs
 
 
