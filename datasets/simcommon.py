@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from lawm import storage
 from lawm.data.video import write_video
 from lawm.files import atomic_write_parquet
 
@@ -127,6 +128,8 @@ def write_episode(path: Path, frames: list[np.ndarray], labels: dict[str, np.nda
     arrays = {"t": np.arange(n, dtype=np.float64) / fps}
     arrays.update({k: np.asarray(v, dtype=np.float32) for k, v in labels.items()})
     np.savez(path.with_name(path.stem + ".labels.npz"), **arrays)
+    storage.push(path)  # an object-store root: written on this node, read by ingest on any
+    storage.push(path.with_name(path.stem + ".labels.npz"))
 
 
 def fan_out(fn: Callable[..., list[dict]], jobs: list[tuple], use_ray: bool, num_cpus: int = 0) -> list[dict]:

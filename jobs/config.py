@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lawm.config import require
+from lawm import storage
+from lawm.config import ConfigError, require
 from pipelines.ingest import IngestConfig
 
 from lawm_datasets.simulate import SimulateConfig
@@ -23,7 +24,9 @@ from jobs.train_stages import TrainControllerConfig, TrainDecoderConfig, TrainWM
 
 @dataclass(kw_only=True)
 class RunConfig:
-    root: str = "runs/demo"  # every stage writes <root>/<stage>/; MLflow's sqlite store sits in <root>
+    # every stage writes <root>/<stage>/; MLflow's sqlite store sits in <root>. A path, or an s3:// or gs:// URI
+    # (then MLFLOW_TRACKING_URI must be set, and the stages work in a mirror of it: lawm/storage.py)
+    root: str = "runs/demo"
     name: str = "lawm"  # the parent MLflow run is named <name>-<timestamp>
     experiment: str = "lawm"
     seed: int = 0
@@ -32,9 +35,16 @@ class RunConfig:
 
     def validate(self) -> None:
         require(bool(self.root), "root", "must not be empty")
-        # Stage outputs are written with local file APIs: an object-store URI would become a local folder "s3:"
-        require("://" not in self.root, "root", f"{self.root!r}: object-store URIs are not supported yet; use a "
-                "path every node sees (e.g. an NFS mount, as infra/cluster.yaml sets up)")
+        if storage.is_uri(self.root):  # worked in through a mirror on each node (lawm/storage.py)
+            try:
+                storage.split_uri(self.root)
+            except ValueError as err:
+                raise ConfigError(f"run.root: {err}") from None
+            # MLflow's default store is a sqlite file (and artifacts) in the root: in a node's mirror they would be lost
+            require(os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")), "root",
+                    f"{self.root!r} is in an object store, where MLflow's sqlite file cannot live: set "
+                    "MLFLOW_TRACKING_URI to a tracking server (http://..., e.g. `make mlflow-server`)")
+            return
         # Under `ray job submit` the driver runs in Ray's temporary copy of --working-dir: a relative root would put
         # every output and the MLflow store there, and they would vanish with the cluster.
         require(not (in_ray_job() and not Path(self.root).is_absolute()), "root",

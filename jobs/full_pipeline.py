@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable (
 
 import yaml  # noqa: E402
 
+from lawm import storage  # noqa: E402
 from lawm.config import ConfigError, load, to_dict  # noqa: E402
 
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.runner import check_inputs, run_pipeline
         from pipelines.ray_env import ensure_ray
 
+        try:  # a missing bucket or wrong credentials fail here, before any work
+            storage.check_root(cfg.run.root)
+        except OSError as err:
+            raise ConfigError(f"run.root: {cfg.run.root} cannot be written: {err}") from None
         check_inputs(cfg, STAGES, selected)
         with quiet_ray_noise():
             ensure_ray(cfg.run.num_cpus)
@@ -54,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    root = Path(cfg.run.root).absolute()
+    root = storage.working_root(cfg.run.root)
     from jobs.tracking import tracking_uri, ui_url
 
     uri = tracking_uri(root)
     print("\nstages: " + ", ".join(f"{r.name} ({r.status})" for r in results))
-    print(f"outputs: {root}")
+    print(f"outputs: {cfg.run.root} (this node's mirror: {root})" if storage.is_uri(cfg.run.root) else
+          f"outputs: {root}")
     print(f"MLflow store: {uri}")
     import mlflow
 

@@ -3,7 +3,8 @@ each worker, with DDP, checkpoints through `ray.train.report`, restarts from the
 worker, and step metrics written to MLflow by rank 0.
 
 The objective is built inside each worker from a picklable `build(**kwargs)`; its `exports()` are saved as lawm
-checkpoints in `<stage>/models/` by rank 0 at the end (so `run.root` must be shared storage on a cluster).
+checkpoints in `<stage>/models/` by rank 0 at the end (so `run.root` must be shared storage on a cluster, or an
+object store: then rank 0 pushes them there, and Ray Train persists its checkpoints to the store itself).
 
 Checkpoints hold every rank's RNG state (gathered at each checkpoint); a resumed rank continues its own stream,
 exactly where an uninterrupted run would be. Validation scores a fixed, seeded sample of clips spread over all
@@ -26,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lawm import storage
 from lawm.config import require
 from lawm.files import atomic_write_json
 from lawm.training.loop import Trainer, TrainConfig, set_rng_state, to_device
@@ -129,8 +131,10 @@ class _MlflowLogger:
 
 def _progress(job: TrainJob, event: dict) -> None:
     """A JSON line per event in <stage>/progress.jsonl (start, log, end): what a person or test can follow."""
-    with open(Path(job.out_dir) / "progress.jsonl", "a") as fh:
+    path = Path(job.out_dir) / "progress.jsonl"
+    with open(path, "a") as fh:
         fh.write(json.dumps({"time": time.time(), "pid": os.getpid(), **event}) + "\n")
+    storage.push(path)
 
 
 def train_worker(config: dict) -> None:
@@ -142,6 +146,8 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _seed_all(job.seed + rank)  # every rank its own streams: torch, numpy and python (a checkpoint holds all three)
     device = ray.train.torch.get_device()
+    for url in (*job.train_urls, *job.val_urls):
+        storage.pull(url)  # an object-store root: the feature shards may not be on this node yet
     objective = job.build(**job.build_kwargs).to(device)
     module = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
     trainer = Trainer(objective, job.train, module, device)
@@ -213,6 +219,8 @@ def _seed_all(seed: int) -> None:
 def _latest_state(job: TrainJob, reported, device) -> dict | None:
     """The newest complete checkpoint: Ray's registered one, or a newer one already persisted in the run folder
     that the controller had not registered when a worker died (so a restart loses at most one interval)."""
+    if job.run_dir:
+        storage.pull(job.run_dir)  # an object-store root: Ray Train persisted the checkpoints there
     dirs = sorted(Path(job.run_dir).glob("checkpoint_*"), key=lambda p: p.name, reverse=True) if job.run_dir else []
     candidates = []
     for d in dirs:
@@ -317,7 +325,9 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
             n += clips
         evaluation = {f"val_{k}": v / n for k, v in sums.items()} if n else {}
         log(evaluation, job.train.steps)
+    storage.push(models_dir)
     atomic_write_json(Path(job.out_dir) / "result.json", {"models": paths, "eval": evaluation})  # fit() reads it
+    storage.push(Path(job.out_dir) / "result.json")
     _progress(job, {"event": "end", "step": job.train.steps})
 
 
@@ -327,23 +337,26 @@ def fit(job: TrainJob, run_name: str) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage = Path(job.out_dir) / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
+    local = Path(job.out_dir) / "ray"
+    local.mkdir(parents=True, exist_ok=True)
+    # an object-store root: Ray Train persists checkpoints to the store itself (pyarrow), from every node
+    remote = storage.remote_of(local)
     scaling = ray.train.ScalingConfig(
         num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
         resources_per_worker={"CPU": job.scaling.cpus_per_worker,
                               **({"GPU": job.scaling.gpus_per_worker} if job.scaling.use_gpu else {})})
     run_config = ray.train.RunConfig(
-        name=run_name, storage_path=str(storage.absolute()),
+        name=run_name, storage_path=remote or str(local.absolute()),
         failure_config=ray.train.FailureConfig(max_failures=job.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
-    job.run_dir = str(storage.absolute() / run_name)
+    job.run_dir = str(local.absolute() / run_name)
     trainer = TorchTrainer(train_worker, train_loop_config={"job": job}, scaling_config=scaling, run_config=run_config,
                            torch_config=ray.train.torch.TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"))
     start = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
+    storage.pull(Path(job.out_dir) / "result.json")
     out = json.loads((Path(job.out_dir) / "result.json").read_text())
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     out["seconds"] = time.perf_counter() - start

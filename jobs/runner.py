@@ -4,17 +4,20 @@ A stage's outputs live in `<root>/<stage>/`; `_stage.json` there is written last
 the config hash and the hash of the inputs it was made from. A stage whose marker matches is skipped
 (a tag on the parent run says so, no old run is rewritten). `_pending.json` records what an unfinished
 attempt was configured with, so a resumable stage resumes only work made with the same settings.
+
+With an object-store root (lawm/storage.py) the runner keeps the store the record: it pulls a marker before reading
+it and the upstream outputs before a stage runs (a resumed stage also its own folder), pushes the stage's folder
+when it ends or fails, and pushes `_stage.json` after everything else, so the store too gets the marker last.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lawm.config import ConfigError, config_hash, to_dict
-from lawm import provenance
+from lawm import provenance, storage
 from lawm.files import atomic_write_json, read_json_object
 
 from jobs import tracking
@@ -58,12 +61,13 @@ class StageResult:
 
 
 def marker(root: Path, name: str) -> dict | None:
+    storage.pull(root / name / "_stage.json")
     return read_json_object(root / name / "_stage.json")
 
 
 def check_inputs(cfg: Any, stages: list[Stage], selected: list[str]) -> None:
     """Fail before any work when a selected stage needs one that is neither selected nor done."""
-    root = Path(cfg.run.root).absolute()
+    root = storage.working_root(cfg.run.root)
     for stage in (s for s in stages if s.name in selected):
         # a rerun deletes the stage's folder first: it must never hold what the stage reads
         out_dir = (root / stage.name).resolve()
@@ -82,7 +86,7 @@ def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool
     """Run `selected` stages (in registry order). Each executed stage is a child MLflow run."""
     import torch  # its thread count is a run's tag: a sweep's trials share CPUs (jobs/sweep.trial_env)
 
-    root = Path(cfg.run.root).absolute()
+    root = storage.working_root(cfg.run.root)
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking.setup(root, cfg.run.experiment)
     commit = tracking.git_commit()
@@ -90,7 +94,8 @@ def run_pipeline(cfg: Any, stages: list[Stage], selected: list[str], force: bool
     parent = tracking.start_parent(f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    {"lawm.config_hash": config_hash(cfg), "lawm.git_commit": commit,
                                     "mlflow.source.git.commit": commit, "lawm.stages": ",".join(selected),
-                                    "lawm.root": str(root), "lawm.torch_threads": str(torch.get_num_threads()),
+                                    "lawm.root": tracking.root_name(cfg.run.root),
+                                    "lawm.torch_threads": str(torch.get_num_threads()),
                                     **({"lawm.sweep": cfg.run.sweep} if cfg.run.sweep else {})})
     try:
         for stage in (s for s in stages if s.name in selected):
@@ -124,11 +129,17 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
         tracking.set_tag(f"lawm.skipped.{stage.name}", done.get("mlflow_run_id", ""))
         return StageResult(stage.name, "skipped", done["outputs"])
     pending_path = out_dir / "_pending.json"
+    storage.pull(pending_path)
     keep = stage.resumable and not force and provenance.matches(pending_path, identity)
-    if out_dir.exists() and not keep:
-        shutil.rmtree(out_dir)
+    if keep:
+        storage.pull(out_dir)  # what the unfinished attempt left, wherever it ran
+    else:
+        storage.remove(out_dir)
+    for name in upstream:
+        storage.pull(root / name)
     provenance.record(pending_path, identity, config_hash=chash, inputs_hash=ihash)
-    (out_dir / "_stage.json").unlink(missing_ok=True)
+    storage.remove(out_dir / "_stage.json")
+    storage.push(pending_path)
 
     echo(f"[{stage.name}] running → {out_dir}")
     run = tracking.start_stage(stage.name, to_dict(section), {
@@ -149,15 +160,21 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
         tracking.set_tag("lawm.error", f"{err.__class__.__name__}: {err}"[:5000])
         tracking.end_run("FAILED")
         echo(f"[{stage.name}] failed: {err.__class__.__name__}: {err}")
+        try:
+            storage.push(out_dir)  # a resumable stage's progress, for a rerun on any node
+        except Exception as push_err:  # noqa: BLE001 - the stage's own error is the one to raise
+            echo(f"[{stage.name}] could not push its partial outputs: {push_err}")
         raise
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"stage_seconds": seconds, **outputs.get("metrics", {})})
     record = {"hash": identity, "stage": stage.name, "config_hash": chash, "inputs_hash": ihash, "outputs": outputs,
               "mlflow_run_id": run.info.run_id, "parent_run_id": parent_id, "git_commit": commit,
               "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    storage.push(out_dir)
     atomic_write_json(out_dir / "_stage.json", record)
+    storage.push(out_dir / "_stage.json")  # last: the store holds every output before it says the stage is done
     tracking.log_artifact(out_dir / "_stage.json")
     tracking.end_run()
-    pending_path.unlink(missing_ok=True)
+    storage.remove(pending_path)
     echo(f"[{stage.name}] done in {seconds:.1f}s")
     return StageResult(stage.name, "ran", outputs, seconds)

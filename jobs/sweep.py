@@ -34,6 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable (e.g. a Ray job's working dir)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lawm import storage  # noqa: E402
 from lawm.config import ConfigError, load  # noqa: E402
 
 DATA_STAGES = ("generate", "ingest", "simulate", "ingest_sim", "encode")
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if not axes:
             raise ConfigError("--axis: give at least one")
         base = load(PipelineConfig, args.config, args.overrides, renamed=RENAMED_STAGES)
+        if storage.is_uri(base.run.root):  # the trials' roots hold links to the shared stages' folders
+            raise ConfigError(f"run.root: {base.run.root} is an object store; a sweep needs a path every node sees")
         points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
         trials = {trial_name(p): p for p in points}
         for point in points:  # every trial's configuration is valid before anything runs

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import mlflow
 import yaml
 
+from lawm import storage
 from lawm.models.encoders import EncoderConfig
 from lawm.models.regularizers import RegConfig
 
@@ -143,7 +144,7 @@ def stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> tuple[dict
     """
     sections = [getattr(cfg, stage, None), *(getattr(cfg, name, None) for name in upstream)]
     tags = {"lawm.pipeline": str(cfg.run.name)}
-    params = {"lawm.seed": str(cfg.run.seed), "lawm.root": str(Path(cfg.run.root).absolute()),
+    params = {"lawm.seed": str(cfg.run.seed), "lawm.root": root_name(cfg.run.root),
               "lawm.data": cfg.ingest.input or "generate"}  # ingest's input; empty = the pipeline's own `generate`
     encoder = next((e for e in (_find(s, EncoderConfig) for s in sections) if e is not None), None)
     if encoder is not None:
@@ -155,6 +156,11 @@ def stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> tuple[dict
         params["lawm.capacity_knob"] = knob or "none"
         params["lawm.capacity"] = str(getattr(reg, knob)) if knob else "none"
     return tags, params
+
+
+def root_name(root: str) -> str:
+    """How a run root is recorded: a URI as given, a path made absolute."""
+    return root if storage.is_uri(root) else str(Path(root).absolute())
 
 
 def log_stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> dict[str, str]:

@@ -12,6 +12,9 @@ killed process left.
 `attempts/<sid>.json` counts starts on a source within one run (`run_id`): a source whose worker died
 `CRASH_LIMIT` times in this run (killed, or crashed in-process) is recorded as `worker_died` instead of being
 started again, so Ray's task retries end and the run goes on.
+
+With an object-store root (lawm/storage.py) a task pulls its source first and pushes the staged tar, then the
+`done` marker (or the `failed` one); `attempts/` stays on the node (a retry elsewhere starts its count again).
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from lawm.data.video import VideoError, encode_clip, probe, stream_frames
+from lawm import storage
 from lawm.files import atomic_file, atomic_write_json, read_json_object
 from pipelines.shards import add_member
-from pipelines.sources import Source, check_split, fingerprint, labels_sidecar, source_id, split_of
+from pipelines.sources import Source, check_split, fetch_source, fingerprint, labels_sidecar, source_id, split_of
 
 CRASH_LIMIT = 2  # worker deaths on one source in one run before it is recorded instead of started again
 
@@ -89,6 +93,7 @@ def process_source(src: Source, cfg, work: Path, *, fp: str | None = None, run_i
     """
     try:
         check_split(src.split)
+        fetch_source(src.path)
         fp = fp or fingerprint(src.path)
     except (VideoError, OSError) as err:
         return failure_row(src, None, "list", err)
@@ -142,8 +147,10 @@ def _process(src: Source, cfg, work: Path, sid: str, fp: str) -> dict:
             raise VideoError("too_short", f"decoded {frames_out} frames, fewer than one clip", stage="decode")
         row = {"sid": sid, "path": src.path, "status": "ok", "clips": clips, "frames_out": frames_out,
                "seconds_in": seg_end - seg_start, "seconds": time.perf_counter() - t0}
+        storage.push(work / "staging" / f"{sid}.tar")  # an object-store root: before the marker that names it
         atomic_write_json(done, row)
-        failed.unlink(missing_ok=True)  # a transient failure of an earlier run, now redone
+        storage.push(done)
+        storage.remove(failed)  # a transient failure of an earlier run, now redone
         return row
     except VideoError as err:  # a bad file, or a child process that died or hung: recorded
         row = failure_row(src, sid, err.stage if stage == "probe" else stage, err)
@@ -156,8 +163,10 @@ def _process(src: Source, cfg, work: Path, sid: str, fp: str) -> dict:
 def _record(marker: Path, row: dict) -> None:
     try:
         atomic_write_json(marker, row)
+        storage.push(marker)
     except OSError:
-        pass  # the disk is full: the row still reaches failures.parquet, and no marker means a rerun retries
+        pass  # the disk is full (or the store unreachable): the row still reaches failures.parquet, and no marker
+        #       means a rerun retries
 
 
 def _cut(src: Source, cfg, work: Path, *, sid: str, fp: str, split: str, info, seg_start: float,

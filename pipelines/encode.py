@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import shutil
 import sys
 import tarfile
 import time
@@ -41,7 +40,7 @@ import numpy as np
 
 from lawm.config import ConfigError, from_dict, require, to_dict
 from lawm.models.encoders import EncoderConfig
-from lawm import provenance
+from lawm import provenance, storage
 from lawm.files import atomic_file, atomic_write_json, read_json_object, sweep_temporaries
 from pipelines.progress import progress_bar
 from pipelines.shards import add_member, list_shards, shard_name, shard_split
@@ -221,7 +220,10 @@ def _read_chunk(row: dict, decode: bool) -> list[dict]:
         for key, members in json.loads(row["items"]):
             data = {}
             for ext, (path, offset, size) in members.items():
-                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                if path not in handles:
+                    storage.pull(path)  # an object-store root: the shard may not be on this node yet
+                    handles[path] = open(path, "rb")
+                f = handles[path]
                 f.seek(offset)
                 data[ext] = f.read(size)
             r = {"key": key, "split": row["split"], "shard": row["shard"], "json": data.get("json", b""),
@@ -349,8 +351,8 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
             return {**done, "features": str(feat_dir), "skipped": True}
     marker = feat_dir / ".settings.json"
     if feat_dir.exists() and not provenance.matches(marker, settings):
-        shutil.rmtree(feat_dir)  # features of other settings or inputs must not mix with these
-    summary_path.unlink(missing_ok=True)
+        storage.remove(feat_dir)  # features of other settings or inputs must not mix with these
+    storage.remove(summary_path)
     provenance.record(marker, settings, config=to_dict(cfg))
     sweep_temporaries(feat_dir)
 
@@ -422,6 +424,8 @@ def run_encode(cfg: EncodeConfig, shards_dir: str | Path, out_dir: str | Path, p
                     atomic_write_json(_failures_path(shard), [{"key": f["key"], "error": f["error"]} for f in failures
                                                                if (f["split"], f["shard"]) == where])
                     metrics["bytes_written"] += _write_shard(shard, rows)
+                    storage.push(_failures_path(shard))  # an object-store root: a killed run resumes from here
+                    storage.push(shard)
                     metrics["shards_written"] += 1
                     metrics["clips_encoded"] += len(rows)
                 if bar:

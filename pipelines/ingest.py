@@ -31,12 +31,12 @@ import pandas as pd
 
 from lawm.config import ConfigError, from_dict, require, to_dict
 from lawm.data.video import VideoError
-from lawm import provenance
+from lawm import provenance, storage
 from lawm.files import atomic_write_json, atomic_write_parquet, read_json_object, sweep_temporaries
 from pipelines.clipper import failure_row, process_source, resume_row
 from pipelines.progress import progress_bar
 from pipelines.shards import list_shards, pack, packed_sources
-from pipelines.sources import VIDEO_EXTENSIONS, Source, check_split, discover, fingerprint, source_id
+from pipelines.sources import VIDEO_EXTENSIONS, Source, check_split, discover, fetch_source, fingerprint, source_id
 
 # Settings that change how long ingest waits or where it runs, never what it writes: not part of the hash.
 _RUN_ONLY = ("input", "cpus_per_task", "timeout_s", "timeout_per_mib_s", "stall_timeout_s", "probe_timeout_s")
@@ -96,6 +96,7 @@ def _inspect(items: list[dict]) -> list[dict]:
         src = Source(**item)
         try:
             check_split(src.split)
+            fetch_source(src.path)
             out.append({"fp": fingerprint(src.path)})
         except (VideoError, OSError) as err:
             out.append(failure_row(src, None, "list", err))
@@ -200,7 +201,7 @@ def _clear_outputs(output: Path) -> None:
         owned = [p for pattern in patterns for p in folder.glob(pattern)]
         for path in owned + (list_shards(folder) if sub == "shards" else []):
             if path.is_file() or path.is_symlink():
-                path.unlink()
+                storage.remove(path)
         if sub != "." and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -264,9 +265,11 @@ def run_ingest(cfg: IngestConfig, output: str | Path, progress: bool = True) -> 
     ok = {r["sid"]: r for r in rows if r["status"] == "ok"}
     pending = [(r["clips"][0]["split"], sid, work / "staging" / f"{sid}.tar")
                for sid, r in ok.items() if sid not in packed]
+    for _, _, staged in pending:
+        storage.pull(staged)  # staged by a task, maybe on another node
     packed.update(pack(pending, shard_dir, target_bytes=int(cfg.shard_mb * 2**20), min_shards=cfg.min_shards))
     for sid in ok:
-        (work / "staging" / f"{sid}.tar").unlink(missing_ok=True)  # its clips live in a shard (maybe already did)
+        storage.remove(work / "staging" / f"{sid}.tar")  # its clips live in a shard (maybe already did)
 
     clip_rows = [{**c, "shard": packed.get(sid)} for sid, r in ok.items() for c in r["clips"]]
     clips = pd.DataFrame(clip_rows).sort_values("key") if clip_rows else pd.DataFrame(columns=["key", "shard", "split"])

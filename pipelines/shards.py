@@ -12,6 +12,7 @@ import re
 import tarfile
 from pathlib import Path
 
+from lawm import storage
 from lawm.files import atomic_file, sweep_temporaries
 
 _SHARD = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{6})\.tar$")
@@ -45,7 +46,7 @@ def packed_sources(shard_dir: Path) -> dict[str, str]:
         try:
             keys = shard_keys(shard)
         except tarfile.ReadError:
-            shard.unlink()
+            storage.remove(shard)
             continue
         mapping.update({key.rsplit("_", 1)[0]: shard.name for key in keys})
     return mapping

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lawm import storage
 from lawm.config import ConfigError
 from lawm.data.video import VideoError
 
@@ -138,6 +139,15 @@ def discover(input_path: str | Path, extensions: tuple[str, ...] = VIDEO_EXTENSI
         sources.append(Source(str(path.absolute()), start and float(start),
                               None if end is None else float(end), None if split is None else str(split), meta))
     return sources
+
+
+def fetch_source(video_path: str | Path) -> None:
+    """Bring a video the pipeline made (and its sidecar) into this node's mirror of an object-store root; nothing
+    for any other path (lawm/storage.py)."""
+    path = Path(video_path)
+    if storage.remote_of(path) is not None:
+        storage.pull(path)
+        storage.pull(path.with_name(path.stem + ".labels.npz"))
 
 
 def labels_sidecar(video_path: str | Path) -> Path | None:

@@ -124,3 +124,47 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.rc, self.alive = stop_server(self.proc, self.children)  # serve.sh execs mlflow: SIGTERM reaches it
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3 (moto_server, on a free loopback port) and the environment that points pyarrow, boto3 and lawm's
+    mirror at it: yields (endpoint url, env dict). Buckets are made by the tests (`make_bucket`)."""
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "lawm-test", "AWS_SECRET_ACCESS_KEY": "lawm-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "LAWM_MIRROR_DIR": str(folder / "mirror")}
+    server = Path(sys.executable).parent / "moto_server"
+    with open(folder / "server.log", "wb") as log:
+        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (folder / "server.log").read_text()[-3000:]
+                time.sleep(0.3)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            yield url, env
+    finally:
+        stop_server(proc, [])
+
+
+def make_bucket(name: str) -> str:
+    """Create bucket `name` in the s3_server (the environment points boto3 at it); returns "s3://name"."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -230,11 +230,21 @@ def test_the_old_stage_name_train_wm_still_works(tmp_path, capsys):
     assert "both `train_wm` and `train_lam`" in capsys.readouterr().err
 
 
-def test_an_object_store_root_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_unusable_object_store_root_is_refused_before_any_work(tmp_path, capsys, monkeypatch, s3_server):
     monkeypatch.chdir(tmp_path)
-    assert main(["--config", str(CONFIG), "--stages", "generate", "run.root=s3://bucket/runs/x"]) == 2
-    assert "object-store URIs are not supported" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # no local folder named "s3:"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mirror = Path(s3_server[1]["LAWM_MIRROR_DIR"])
+    for root, message in (("s3://bucket/runs/x", "set MLFLOW_TRACKING_URI to a tracking server"),  # sqlite can't be there
+                          ("http://host/runs/x", "only s3://, gs:// object stores"),
+                          ("s3://bucket/../x", "no empty, '.' or '..' parts")):
+        assert main(["--config", str(CONFIG), "--stages", "generate", f"run.root={root}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
+    # a bucket that is not there (or credentials that do not work): found before Ray starts or MLflow is touched
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
+    assert main(["--config", str(CONFIG), "--stages", "generate", "run.root=s3://no-such-bucket-lawm/x"]) == 2
+    assert "run.root: s3://no-such-bucket-lawm/x cannot be written" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()) and not (mirror / "s3" / "no-such-bucket-lawm").exists()  # no "s3:" folder
 
 
 def test_relative_root_is_refused_under_a_ray_job(tmp_path, monkeypatch, capsys):
