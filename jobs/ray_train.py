@@ -65,7 +65,8 @@ class TrainJob:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     val_batches: int = 4  # the validation sample: val_batches x batch_size clips over all held-out videos
-    audit_keys: bool = False  # each rank appends the clip keys it trained on to keys-rank<r>.txt
+    audit_keys: bool = False  # each rank appends the clip keys it trained on to keys-rank<r>.txt (a test's aid: on
+    #                           the rank's own disk, never pushed to an object-store root)
     run_dir: str = ""  # <storage>/<run name>, set by fit()
     metric_prefix: str = ""  # the per-domain fits of one stage log into its run as <prefix><metric> (e.g. nav/)
 
@@ -356,9 +357,11 @@ def fit(job: TrainJob, run_name: str) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    storage.pull(Path(job.out_dir) / "result.json")
+    for written in ("result.json", "models", "progress.jsonl"):  # by rank 0, maybe on another node
+        storage.pull(Path(job.out_dir) / written)
     out = json.loads((Path(job.out_dir) / "result.json").read_text())
-    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    checkpoint = result.checkpoint.path if result.checkpoint else None  # a store's key has no scheme: given one
+    out["checkpoint"] = f"{remote.split('://')[0]}://{checkpoint}" if remote and checkpoint else checkpoint
     out["seconds"] = time.perf_counter() - start
     return out
 

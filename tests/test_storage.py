@@ -203,17 +203,69 @@ def test_tasks_pull_what_they_read_and_push_what_they_write(s3_server):
     assert out[0]["mp4"] == expected and len(expected) > 0 and shard.exists()
 
 
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """One MLflow tracking server (what `make mlflow-server` runs) for this module's pipelines: an object-store root
+    needs one, and each start costs ~10 s here."""
+    from conftest import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+def test_a_stage_that_fails_in_a_bucket_resumes_from_it_on_another_node(s3_server, tracking_server, monkeypatch):
+    """The runner pushes what a failed resumable stage wrote (no marker); a node with an empty mirror pulls that, and
+    the upstream outputs, and finishes the stage; the marker reaches the store and `_pending.json` leaves it."""
+    import shutil
+
+    from jobs.config import PipelineConfig, RunConfig
+    from jobs.runner import Stage, run_pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    uri = make_bucket("resume") + "/run"
+    seen = []
+
+    def upstream(section, ctx) -> dict:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.out_dir / "data.txt").write_text("from upstream")
+        return {"data": str(ctx.out_dir / "data.txt")}
+
+    def two_parts(section, ctx) -> dict:
+        data = storage.Path(ctx.upstream("generate", "data")).read_text()  # pulled by the runner
+        first = ctx.out_dir / "part-0.txt"
+        seen.append(first.exists())
+        if not first.exists():
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            first.write_text(data)
+            raise RuntimeError("the node died after the first part")
+        (ctx.out_dir / "part-1.txt").write_text(data)
+        return {}
+
+    stages = [Stage("generate", upstream), Stage("train_lam", two_parts, inputs=lambda c: ["generate"], resumable=True)]
+    cfg = PipelineConfig(run=RunConfig(root=uri, name="r", experiment="resume"))
+    with pytest.raises(RuntimeError, match="after the first part"):
+        run_pipeline(cfg, stages, ["generate", "train_lam"], echo=lambda m: None)
+    objects = _objects("resume")
+    assert objects["run/train_lam/part-0.txt"] == b"from upstream" and "run/train_lam/_pending.json" in objects
+    assert "run/train_lam/_stage.json" not in objects and "run/generate/_stage.json" in objects
+
+    shutil.rmtree(storage.mirror_base())
+    results = run_pipeline(cfg, stages, ["generate", "train_lam"], echo=lambda m: None)
+    assert [r.status for r in results] == ["skipped", "ran"] and seen == [False, True]
+    objects = _objects("resume")
+    assert objects["run/train_lam/part-1.txt"] == b"from upstream" and "run/train_lam/_stage.json" in objects
+    assert "run/train_lam/_pending.json" not in objects
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A pipeline whose run.root is a bucket
 
 
 REPO = storage.Path(__file__).resolve().parents[1]
-S3_STAGES = "generate,ingest,simulate,ingest_sim,encode,train_lam,eval_probe"
+S3_STAGES = "generate,ingest,simulate,ingest_sim,encode,train_lam,eval_probe"  # simulators off: see the task test
 S3_RUN = ["generate.synthetic.n_videos=6", "generate.synthetic.val_fraction=0.3", "generate.synthetic.seconds=5", "generate.synthetic.size=[64,64]",
           "generate.real_samples=false", "ingest.size=32", "ingest.min_shards=1", "simulate.manip.enabled=false",
-          "simulate.nav.episodes=4", "simulate.nav.val_fraction=0.5", "simulate.nav.steps=24",
-          "simulate.nav.width=64", "simulate.nav.height=64", "ingest_sim.size=32", "ingest_sim.min_shards=1",
-          "encode.encoder.patch_size=8", "train_lam.scaling.num_workers=1", "train_lam.train.steps=6",
+          "simulate.nav.enabled=false", "encode.encoder.patch_size=8", "train_lam.scaling.num_workers=1", "train_lam.train.steps=6",
           "train_lam.train.log_every=3", "train_lam.train.ckpt_every=3", "train_lam.train.batch_size=4",
           "train_lam.train.loader_workers=0", "run.num_cpus=2"]
 
@@ -232,55 +284,53 @@ def _pipeline(env: dict, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_server, tmp_path):
-    """Every stage's outputs land in the bucket (the marker last); a node with an empty mirror finds every stage done,
-    and runs a later stage from what it pulls; MLflow (a tracking server) records the bucket as the runs' root."""
+def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_server, tracking_server):
+    """Every stage's outputs land in the bucket; a node with an empty mirror finds every unchanged stage done (pulling
+    its marker only) and runs a changed one from the upstream outputs it pulls; MLflow (a tracking server) records
+    the bucket as the runs' root."""
     import json
     import shutil
 
     import mlflow
-    from conftest import MlflowServer
 
     uri = make_bucket("lawm-run") + "/runs/a"
-    with MlflowServer(tmp_path) as server:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "RAY_USAGE_STATS_ENABLED": "0"}
-        env.pop("RAY_ADDRESS", None)
-        _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
-        objects = {k[len("runs/a/"):] for k in _keys("lawm-run")}
-        stages = S3_STAGES.split(",")
-        assert {f"{s}/_stage.json" for s in stages} <= objects
-        assert not any(k.endswith("_pending.json") or k.endswith(".tmp") for k in objects), objects
-        marker = {s: json.loads(_objects("lawm-run")[f"runs/a/{s}/_stage.json"]) for s in ("ingest", "train_lam")}
-        # what the markers name is in the store: shards, episodes, features, the model, Ray Train's checkpoints
-        assert any(k.startswith("ingest/shards/") and k.endswith(".tar") for k in objects)
-        assert any(k.startswith("simulate/nav/") and k.endswith(".labels.npz") for k in objects)
-        assert any(k.startswith("encode/wild/features/") and k.endswith(".tar") for k in objects)
-        assert "train_lam/models/lam.pt" in objects and "train_lam/progress.jsonl" in objects
-        assert any("/checkpoint_" in k and k.endswith("state.pt") for k in objects), sorted(objects)
-        mirror = storage.working_root(uri)
-        lam = marker["train_lam"]["outputs"]["model"]
-        assert storage.Path(lam).is_relative_to(mirror)  # a path that means the same object on every node
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
+    objects = {k[len("runs/a/"):] for k in _keys("lawm-run")}
+    stages = S3_STAGES.split(",")
+    assert {f"{s}/_stage.json" for s in stages} <= objects
+    assert not any(k.endswith("_pending.json") or k.endswith(".tmp") for k in objects), objects
+    marker = {s: json.loads(_objects("lawm-run")[f"runs/a/{s}/_stage.json"]) for s in ("ingest", "train_lam")}
+    # what the markers name is in the store: shards, features, the model, Ray Train's checkpoints
+    assert any(k.startswith("ingest/shards/") and k.endswith(".tar") for k in objects)
+    assert any(k.startswith("encode/wild/features/") and k.endswith(".tar") for k in objects)
+    assert "train_lam/models/lam.pt" in objects and "train_lam/progress.jsonl" in objects
+    assert any("/checkpoint_" in k and k.endswith("state.pt") for k in objects), sorted(objects)
+    mirror = storage.working_root(uri)
+    lam = marker["train_lam"]["outputs"]["model"]
+    assert storage.Path(lam).is_relative_to(mirror)  # a path that means the same object on every node
 
-        # a fresh node: an empty mirror. Every stage is found done in the store
-        shutil.rmtree(storage.mirror_base())
-        out = _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
-        assert all(f"[{s}] skipped" in out for s in stages), out[-3000:]
-        assert not (mirror / "encode" / "wild" / "features").exists()  # skipping pulled markers only
+    # a fresh node (an empty mirror) with eval_probe changed: every other stage is found done in the store, and
+    # eval_probe runs on the features and model it pulls
+    first_probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
+    shutil.rmtree(storage.mirror_base())
+    out = _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN, "eval_probe.max_clips=100")
+    assert all(f"[{s}] skipped" in out for s in stages if s != "eval_probe") and "[eval_probe] done" in out, out
+    probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
+    assert probe["config_hash"] != first_probe["config_hash"]
+    assert probe == json.loads((mirror / "eval_probe" / "_stage.json").read_text())
+    assert storage.Path(lam).exists() and any((mirror / "encode" / "wild" / "features").glob("*.tar"))
+    assert not (mirror / "ingest" / "shards").exists()  # a skipped stage's outputs stay in the store
 
-        # and again empty: a forced later stage runs from the upstream outputs it pulls
-        shutil.rmtree(storage.mirror_base())
-        _pipeline(env, "--stages", "eval_probe", "--force", f"run.root={uri}", *S3_RUN)
-        probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
-        assert probe["inputs_hash"] == json.loads((mirror / "eval_probe" / "_stage.json").read_text())["inputs_hash"]
-        assert storage.Path(lam).exists()  # pulled from the store for it
-
-        client = mlflow.MlflowClient(server.url)
-        runs = client.search_runs([client.get_experiment_by_name("lawm-demo").experiment_id])
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert len(parents) == 3 and {r.data.tags["lawm.root"] for r in parents} == {uri}
-        lam_run = client.get_run(marker["train_lam"]["mlflow_run_id"])
-        assert lam_run.data.params["lawm.root"] == uri and lam_run.info.status == "FINISHED"
-        assert [f.path for f in client.list_artifacts(lam_run.info.run_id, "models")] == ["models/lam.pt"]
+    client = mlflow.MlflowClient(tracking_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("lawm-demo").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and {r.data.tags["lawm.root"] for r in parents} == {uri}
+    lam_run = client.get_run(marker["train_lam"]["mlflow_run_id"])
+    assert lam_run.data.params["lawm.root"] == uri and lam_run.info.status == "FINISHED"
+    assert marker["train_lam"]["outputs"]["checkpoint"].startswith(f"{uri}/train_lam/ray/")
+    assert [f.path for f in client.list_artifacts(lam_run.info.run_id, "models")] == ["models/lam.pt"]
 
 
 def _keys(bucket: str) -> list[str]:
