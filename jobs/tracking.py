@@ -174,17 +174,20 @@ def log_stage_fields(cfg: Any, *, stage: str, upstream: Iterable[str]) -> dict[s
 def log_clip_tables(tables: dict[str, Path]) -> list[str]:
     """Each clip table (ingest's `clips.parquet`: one row per clip, its source video, split and time span) becomes an
     input dataset of the active run, so MLflow's Dataset column and compare view show which data a run saw. Tables
-    that do not exist (a stage not run in this pipeline) are left out; returns the names logged."""
+    that do not exist (a stage not run in this pipeline) are left out; returns the names logged. With an object-store
+    root, each is pulled first (the stage may not read ingest's folder) and named by its URI."""
     import mlflow.data
     import pandas as pd
 
     logged = []
     for name, path in tables.items():
+        storage.pull(path)
         if path.is_file():
             frame = pd.read_parquet(path)
+            source = storage.remote_of(path) or str(path)
             with warnings.catch_warnings():  # MLflow's hints on guessing a source type and on integer columns
                 warnings.simplefilter("ignore", UserWarning)
-                mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=name), context="clips")
+                mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name), context="clips")
             logged.append(name)
     return logged
 

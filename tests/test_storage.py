@@ -331,6 +331,10 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     assert lam_run.data.params["lawm.root"] == uri and lam_run.info.status == "FINISHED"
     assert marker["train_lam"]["outputs"]["checkpoint"].startswith(f"{uri}/train_lam/ray/")
     assert [f.path for f in client.list_artifacts(lam_run.info.run_id, "models")] == ["models/lam.pt"]
+    # the Dataset column: the rerun eval_probe (which does not read ingest's folder) names the clip table in the store
+    inputs = client.get_run(probe["mlflow_run_id"]).inputs.dataset_inputs
+    assert [(d.dataset.name, f"{uri}/ingest/clips.parquet" in d.dataset.source) for d in inputs] == \
+        [("clips/wild", True)]
 
 
 def _keys(bucket: str) -> list[str]:
