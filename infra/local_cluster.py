@@ -7,6 +7,9 @@ their temp dir on the command line), never `ray stop`, which would also stop any
 
     with LocalCluster(nodes=[{"num_cpus": 1}, {"num_cpus": 1, "resources": {"second_node": 1}}]) as c:
         subprocess.run(["ray", "job", "submit", "--address", c.dashboard, ...], env=c.env)
+
+A node may also take `private: {path: folder}`: it then runs in its own mount namespace (root only: `unshare -m`)
+where each `path` shows that node's `folder`, as a folder on a machine's own disk would on a real cluster.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# mount --bind each (folder, path) pair given before "--", then exec the rest: file names travel as arguments only
+_BIND_THEN_EXEC = 'while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 1; shift 2; done; shift; exec "$@"'
 _PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 
@@ -70,6 +75,9 @@ class LocalCluster:
                             f"--ray-client-server-port={self.client_port}"]
                 else:
                     cmd.append(f"--address=127.0.0.1:{self.gcs}")
+                if node.get("private"):
+                    pairs = [x for path, folder in node["private"].items() for x in (str(folder), str(path))]
+                    cmd = ["unshare", "-m", "sh", "-c", _BIND_THEN_EXEC, "sh", *pairs, "--", *cmd]
                 done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=self.timeout)
                 if done.returncode:
                     raise RuntimeError(f"ray start (node {i}) failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
