@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -126,20 +127,30 @@ class MlflowServer:
         self.rc, self.alive = stop_server(self.proc, self.children)  # serve.sh execs mlflow: SIGTERM reaches it
 
 
+# The local S3 of the object-store tests (`s3_server`, started on first use): its address, credentials and lawm's
+# mirror folder are in the environment from the start of the session, so that every Ray instance the session starts,
+# and so every Ray worker, reaches it as a cluster's nodes would through their environment.
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "lawm-test",
+          "AWS_SECRET_ACCESS_KEY": "lawm-test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+          "LAWM_MIRROR_DIR": os.path.join(tempfile.gettempdir(), f"lawm-test-mirror-{os.getpid()}")}
+os.environ.update(S3_ENV)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """A local S3 (moto_server, on a free loopback port) and the environment that points pyarrow, boto3 and lawm's
-    mirror at it: yields (endpoint url, env dict). Buckets are made by the tests (`make_bucket`)."""
+    """A local S3 (moto_server on loopback, at S3_ENV's address) for pyarrow, boto3 and lawm's mirror: yields
+    (endpoint url, S3_ENV). Buckets are made by the tests (`make_bucket`); the mirror folder goes at the end."""
+    import shutil
+    import socket
     import sys
     import time
     import urllib.request
 
     folder = tmp_path_factory.mktemp("s3")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "lawm-test", "AWS_SECRET_ACCESS_KEY": "lawm-test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "LAWM_MIRROR_DIR": str(folder / "mirror")}
+    url, env = S3_ENV["AWS_ENDPOINT_URL"], S3_ENV
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as probe:  # chosen free at import; anything that took it since would answer for S3
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, f"port {port}, chosen for moto_server, is taken"
     server = Path(sys.executable).parent / "moto_server"
     with open(folder / "server.log", "wb") as log:
         proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
@@ -154,12 +165,10 @@ def s3_server(tmp_path_factory):
             except OSError:
                 assert time.monotonic() < deadline, (folder / "server.log").read_text()[-3000:]
                 time.sleep(0.3)
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in env.items():
-                mp.setenv(key, value)
-            yield url, env
+        yield url, env
     finally:
         stop_server(proc, [])
+        shutil.rmtree(env["LAWM_MIRROR_DIR"], ignore_errors=True)
 
 
 def make_bucket(name: str) -> str:

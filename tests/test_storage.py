@@ -267,24 +267,23 @@ S3_RUN = ["generate.synthetic.n_videos=6", "generate.synthetic.val_fraction=0.3"
           "generate.real_samples=false", "ingest.size=32", "ingest.min_shards=1", "simulate.manip.enabled=false",
           "simulate.nav.enabled=false", "encode.encoder.patch_size=8", "train_lam.scaling.num_workers=1", "train_lam.train.steps=6",
           "train_lam.train.log_every=3", "train_lam.train.ckpt_every=3", "train_lam.train.batch_size=4",
-          "train_lam.train.loader_workers=0", "run.num_cpus=2"]
+          "train_lam.train.loader_workers=0"]
 
 
-def _pipeline(env: dict, *args: str) -> str:
-    """jobs/full_pipeline.py in its own process (its own local Ray, whose workers inherit the store's environment);
-    stdout + stderr, after asserting it exited 0."""
-    import subprocess
-    import sys
+def _pipeline(capsys, *args: str) -> str:
+    """jobs/full_pipeline.py's main on the session's Ray (its workers have the store's environment: conftest.S3_ENV);
+    what it printed, after asserting it returned 0."""
+    from jobs.full_pipeline import main
 
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "full_pipeline.py"), "--config",
-                           str(REPO / "jobs" / "configs" / "demo.yaml"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
+    rc = main(["--config", str(REPO / "jobs" / "configs" / "demo.yaml"), *args])
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-3000:] + out.err[-5000:]
+    return out.out + out.err
 
 
 @pytest.mark.slow
-def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_server, tracking_server):
+def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_server, tracking_server, ray_local,
+                                                                            capsys, monkeypatch):
     """Every stage's outputs land in the bucket; a node with an empty mirror finds every unchanged stage done (pulling
     its marker only) and runs a changed one from the upstream outputs it pulls; MLflow (a tracking server) records
     the bucket as the runs' root."""
@@ -294,9 +293,8 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     import mlflow
 
     uri = make_bucket("lawm-run") + "/runs/a"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_server.url, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    _pipeline(capsys, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
     objects = {k[len("runs/a/"):] for k in _keys("lawm-run")}
     stages = S3_STAGES.split(",")
     assert {f"{s}/_stage.json" for s in stages} <= objects
@@ -315,7 +313,7 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     # eval_probe runs on the features and model it pulls
     first_probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
     shutil.rmtree(storage.mirror_base())
-    out = _pipeline(env, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN, "eval_probe.max_clips=100")
+    out = _pipeline(capsys, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN, "eval_probe.max_clips=100")
     assert all(f"[{s}] skipped" in out for s in stages if s != "eval_probe") and "[eval_probe] done" in out, out
     probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
     assert probe["config_hash"] != first_probe["config_hash"]
