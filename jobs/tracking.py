@@ -15,10 +15,13 @@ What a run carries, so that MLflow's runs table and compare view tell runs apart
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -78,10 +81,52 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _template_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lawm" / f"mlflow-{mlflow.__version__}.db"
+
+
+def seed_sqlite_store(uri: str) -> None:
+    """Start a new sqlite store as a copy of an empty one made once per machine and MLflow version: MLflow creates a
+    store by running its ~60 schema migrations, 1.7 s on a quiet 2-core machine (~10 s with other work on the cores),
+    where a copy takes 0.04 s (measured with mlflow 3.17.2); every new run root, and every test, makes one. The
+    template is written atomically; a copy that does not read as a store (a damaged template) is deleted with the
+    template, and MLflow then makes the store itself. Nothing for an existing store or another kind of URI."""
+    import sqlite3
+
+    from lawm.files import atomic_write_bytes
+
+    if not uri.startswith("sqlite:///"):
+        return
+    target = Path(uri[len("sqlite:///"):])
+    if target.exists():
+        return
+    template = _template_path()
+    if not template.exists():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        # a name never used before: MLflow keeps a store (and its open file) per URI for the life of the process
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=template.parent))
+        try:
+            mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()  # the migrations, once
+            os.replace(work / "mlflow.db", template)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    atomic_write_bytes(target, template.read_bytes())
+    try:  # MLflow's "Default" experiment: its artifacts beside this store, not where the template was made
+        with contextlib.closing(sqlite3.connect(target)) as db, db:
+            db.execute("SELECT version_num FROM alembic_version").fetchone()
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       ((target.parent / "mlartifacts" / "0").absolute().as_uri(),))
+    except sqlite3.DatabaseError:
+        target.unlink(missing_ok=True)
+        template.unlink(missing_ok=True)
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the run's store and experiment; artifacts of a local store live beside it."""
     user = os.environ.get("MLFLOW_TRACKING_URI")
     uri = tracking_uri(root)
+    seed_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     # MLflow 3 also writes the URI into MLFLOW_TRACKING_URI; left there, it would pass for the user's choice and send
     # the next pipeline of this process (a notebook, a test session, a sweep) into this run's store

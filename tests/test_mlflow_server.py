@@ -63,6 +63,35 @@ def test_two_pipelines_in_one_process_keep_their_own_stores(tmp_path, monkeypatc
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'c.db'}"
 
 
+def test_a_new_store_is_a_copy_of_an_empty_one_and_a_damaged_copy_is_not_used(tmp_path, monkeypatch):
+    """New sqlite stores start as copies of a template made once (MLflow's migrations take seconds); a template that
+    does not read as a store is dropped, and MLflow makes the store itself."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    template = tracking._template_path()
+    assert template.is_relative_to(tmp_path / "cache") and not template.exists()
+
+    def works(root: Path, seeded: bool = True) -> None:
+        uri = tracking.setup(root, "seeded")
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name("seeded")
+        run = client.create_run(exp.experiment_id)
+        client.log_metric(run.info.run_id, "m", 1.0)
+        assert client.get_run(run.info.run_id).data.metrics == {"m": 1.0}
+        if seeded:  # MLflow's Default experiment keeps its artifacts beside the store (MLflow's own: under the cwd)
+            assert client.get_experiment("0").artifact_location == (root / "mlartifacts" / "0").absolute().as_uri()
+
+    works(tmp_path / "a")
+    assert template.stat().st_size > 0
+    works(tmp_path / "b")  # from the template
+    assert not list(template.parent.glob(".build-*"))
+    template.write_bytes(b"not a database" * 100)
+    works(tmp_path / "c", seeded=False)  # made by MLflow; the damaged template is gone
+    assert not template.exists()
+    works(tmp_path / "d")  # and made again
+    assert template.exists()
+
+
 def test_experiment_is_marked_as_model_training(sqlite_root):
     client = mlflow.MlflowClient(tracking.tracking_uri(sqlite_root))
     tracking.setup(sqlite_root, "fresh")
