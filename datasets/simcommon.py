@@ -124,6 +124,7 @@ def write_episode(path: Path, frames: list[np.ndarray], labels: dict[str, np.nda
     for key, val in labels.items():
         if val.shape[0] != n:
             raise ValueError(f"{path.name}: labels[{key!r}] has {val.shape[0]} rows for {n} frames")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a task on a node whose disk (or mirror) lacks the folder
     write_video(path, iter(frames), fps, (w, h))
     arrays = {"t": np.arange(n, dtype=np.float64) / fps}
     arrays.update({k: np.asarray(v, dtype=np.float32) for k, v in labels.items()})

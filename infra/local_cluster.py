@@ -55,8 +55,18 @@ class LocalCluster:
                     # compares this cluster with local mode
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
         self.env.pop("RAY_ADDRESS", None)
-        self.gcs, dash, self.client_port = free_ports(3)
+        self._taken: set[int] = set()  # chosen for this cluster, maybe not bound yet: the OS may offer them again
+        self.gcs, dash, self.client_port = self._ports(3)
         self.dashboard = f"http://127.0.0.1:{dash}"
+
+    def _ports(self, n: int) -> list[int]:
+        """`n` free ports, none chosen before for this cluster (a node that failed to start on a port chosen twice
+        was seen: the dashboard's and a node agent's)."""
+        while True:
+            ports = free_ports(n)
+            if not self._taken & set(ports) and len(set(ports)) == n:
+                self._taken.update(ports)
+                return ports
 
     def node_dir(self, i: int) -> Path:
         return self.base / ("head" if i == 0 else f"n{i + 1}")
@@ -66,7 +76,7 @@ class LocalCluster:
             for i, node in enumerate(self.nodes):
                 cmd = [str(BIN / "ray"), "start", f"--temp-dir={self.node_dir(i)}", f"--num-cpus={node['num_cpus']}",
                        "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                       *[f"{flag}={port}" for flag, port in zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)))]]
+                       *[f"{flag}={port}" for flag, port in zip(_PORT_FLAGS, self._ports(len(_PORT_FLAGS)))]]
                 if node.get("resources"):
                     cmd.append(f"--resources={json.dumps(node['resources'])}")
                 if i == 0:

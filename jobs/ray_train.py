@@ -133,6 +133,7 @@ class _MlflowLogger:
 def _progress(job: TrainJob, event: dict) -> None:
     """A JSON line per event in <stage>/progress.jsonl (start, log, end): what a person or test can follow."""
     path = Path(job.out_dir) / "progress.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)  # rank 0 may run on a node without the stage's folder
     with open(path, "a") as fh:
         fh.write(json.dumps({"time": time.time(), "pid": os.getpid(), **event}) + "\n")
     storage.push(path)
@@ -244,6 +245,7 @@ def _latest_state(job: TrainJob, reported, device) -> dict | None:
 
 
 def _audited(batches, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
     for batch in batches:
         with open(path, "a") as fh:
             fh.write("".join(k + "\n" for k in batch["key"]))
