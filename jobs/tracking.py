@@ -89,12 +89,13 @@ def _template_path() -> Path:
 def seed_sqlite_store(uri: str) -> None:
     """Start a new sqlite store as a copy of an empty one made once per machine and MLflow version: MLflow creates a
     store by running its ~60 schema migrations, 1.7 s on a quiet 2-core machine (~10 s with other work on the cores),
-    where a copy takes 0.04 s (measured with mlflow 3.17.2); every new run root, and every test, makes one. The
-    template is written atomically; a copy that does not read as a store (a damaged template) is deleted with the
-    template, and MLflow then makes the store itself. Nothing for an existing store or another kind of URI."""
-    import sqlite3
+    where a copy takes 0.04 s (measured with mlflow 3.17.2); every new run root, and every test, makes one.
 
-    from lawm.files import atomic_write_bytes
+    The template and the copy are made under temporary names; the copy is linked into place only where no store is
+    (a store another process made meanwhile is never replaced). A copy that does not read as a store (a damaged
+    template) is dropped with the template, and a cache that cannot be written (a read-only home) is passed over:
+    MLflow then makes the store itself. Nothing for an existing store or another kind of URI."""
+    import sqlite3
 
     if not uri.startswith("sqlite:///"):
         return
@@ -102,24 +103,33 @@ def seed_sqlite_store(uri: str) -> None:
     if target.exists():
         return
     template = _template_path()
-    if not template.exists():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        # a name never used before: MLflow keeps a store (and its open file) per URI for the life of the process
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=template.parent))
-        try:
-            mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()  # the migrations, once
-            os.replace(work / "mlflow.db", template)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    atomic_write_bytes(target, template.read_bytes())
-    try:  # MLflow's "Default" experiment: its artifacts beside this store, not where the template was made
-        with contextlib.closing(sqlite3.connect(target)) as db, db:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            # a name never used before: MLflow keeps a store (and its open file) per URI for the life of the process
+            work = Path(tempfile.mkdtemp(prefix=".build-", dir=template.parent))
+            try:
+                mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()  # the migrations, once
+                os.replace(work / "mlflow.db", template)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, tmp)
+        # MLflow's "Default" experiment: its artifacts beside this store, not where the template was made
+        with contextlib.closing(sqlite3.connect(tmp)) as db, db:
             db.execute("SELECT version_num FROM alembic_version").fetchone()
             db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                        ((target.parent / "mlartifacts" / "0").absolute().as_uri(),))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.link(tmp, target)  # fails, and changes nothing, where a store appeared meanwhile
     except sqlite3.DatabaseError:
-        target.unlink(missing_ok=True)
         template.unlink(missing_ok=True)
+    except OSError:
+        pass  # no cache (or a store appeared meanwhile): MLflow makes or opens the store as before
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def setup(root: Path, experiment: str) -> str:

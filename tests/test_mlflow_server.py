@@ -65,7 +65,7 @@ def test_two_pipelines_in_one_process_keep_their_own_stores(tmp_path, monkeypatc
 
 def test_a_new_store_is_a_copy_of_an_empty_one_and_a_damaged_copy_is_not_used(tmp_path, monkeypatch):
     """New sqlite stores start as copies of a template made once (MLflow's migrations take seconds); a template that
-    does not read as a store is dropped, and MLflow makes the store itself."""
+    does not read as a store is dropped, and so is a cache that cannot be written: MLflow makes the store itself."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     template = tracking._template_path()
@@ -90,6 +90,10 @@ def test_a_new_store_is_a_copy_of_an_empty_one_and_a_damaged_copy_is_not_used(tm
     assert not template.exists()
     works(tmp_path / "d")  # and made again
     assert template.exists()
+    (tmp_path / "not-a-folder").write_text("x")  # a cache that cannot be made: passed over
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    works(tmp_path / "e", seeded=False)
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["mlflow.db"]  # no temporary copy left
 
 
 def test_experiment_is_marked_as_model_training(sqlite_root):
