@@ -97,13 +97,15 @@ def seed_sqlite_store(uri: str) -> None:
     MLflow then makes the store itself. Nothing for an existing store or another kind of URI."""
     import sqlite3
 
+    from lawm.files import temporary_name
+
     if not uri.startswith("sqlite:///"):
         return
     target = Path(uri[len("sqlite:///"):])
     if target.exists():
         return
     template = _template_path()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(target)
     try:
         if not template.exists():
             template.parent.mkdir(parents=True, exist_ok=True)

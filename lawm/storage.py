@@ -124,11 +124,6 @@ def _stamp(local: Path, mtime_ns: int) -> None:
     os.utime(local, ns=(mtime_ns, mtime_ns))
 
 
-def _copy(src, dst) -> None:
-    while chunk := src.read(_CHUNK):
-        dst.write(chunk)
-
-
 def _sides(path: str | Path):
     """(filesystem, key of `path`, the store's listing under it), or None for a path outside every mirror."""
     uri = remote_of(path)
@@ -152,7 +147,7 @@ def push(path: str | Path) -> None:
         with open(local, "rb") as src:  # opened first: a file that cannot be read never starts an upload
             stream = fs.open_output_stream(tmp)
             try:
-                _copy(src, stream)
+                shutil.copyfileobj(src, stream, _CHUNK)
             finally:
                 stream.close()  # an error above closes (and publishes) the temporary key only
         fs.move(tmp, key)
@@ -176,7 +171,7 @@ def pull(path: str | Path) -> None:
             continue
         key = f"{where}/{rel}" if rel else where
         with fs.open_input_stream(key) as src, atomic_file(target) as dst:
-            _copy(src, dst)
+            shutil.copyfileobj(src, dst, _CHUNK)
         _stamp(target, mtime_ns)
 
 
