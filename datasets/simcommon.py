@@ -128,9 +128,10 @@ def write_episode(path: Path, frames: list[np.ndarray], labels: dict[str, np.nda
     write_video(path, iter(frames), fps, (w, h))
     arrays = {"t": np.arange(n, dtype=np.float64) / fps}
     arrays.update({k: np.asarray(v, dtype=np.float32) for k, v in labels.items()})
-    np.savez(path.with_name(path.stem + ".labels.npz"), **arrays)
+    sidecar = path.with_name(path.stem + ".labels.npz")  # pipelines.sources.sidecar_path, which ingest reads
+    np.savez(sidecar, **arrays)
     storage.push(path)  # an object-store root: written on this node, read by ingest on any
-    storage.push(path.with_name(path.stem + ".labels.npz"))
+    storage.push(sidecar)
 
 
 def fan_out(fn: Callable[..., list[dict]], jobs: list[tuple], use_ray: bool, num_cpus: int = 0) -> list[dict]:

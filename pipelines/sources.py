@@ -147,11 +147,16 @@ def fetch_source(video_path: str | Path) -> None:
     path = Path(video_path)
     if storage.remote_of(path) is not None:
         storage.pull(path)
-        storage.pull(path.with_name(path.stem + ".labels.npz"))
+        storage.pull(sidecar_path(path))
+
+
+def sidecar_path(video_path: str | Path) -> Path:
+    """Where `X.mp4`'s labels go: `X.labels.npz` beside it."""
+    path = Path(video_path)
+    return path.with_name(path.stem + ".labels.npz")
 
 
 def labels_sidecar(video_path: str | Path) -> Path | None:
     """`X.labels.npz` beside `X.mp4`: per-frame actions/poses written by lawm's generators and readers."""
-    path = Path(video_path)
-    candidate = path.with_name(path.stem + ".labels.npz")
+    candidate = sidecar_path(video_path)
     return candidate if candidate.exists() else None

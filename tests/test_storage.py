@@ -3,6 +3,7 @@ trip, what a rewrite, a deletion and a failure mid-transfer leave behind, and th
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import boto3
 import pytest
@@ -23,7 +24,7 @@ def test_uris_map_to_one_mirror_path_and_back(s3_server, tmp_path):
     assert root == storage.mirror_base() / "s3" / "bkt" / "runs" / "x"
     assert storage.remote_of(root / "train_lam" / "models" / "wm.pt") == "s3://bkt/runs/x/train_lam/models/wm.pt"
     assert storage.remote_of(tmp_path / "a") is None
-    assert storage.working_root("runs/demo") == (storage.Path.cwd() / "runs" / "demo")
+    assert storage.working_root("runs/demo") == (Path.cwd() / "runs" / "demo")
     for bad in ("http://bkt/x", "file:///tmp/x", "s3://", "s3://bkt/../x", "s3://bkt//x"):
         with pytest.raises(ValueError):
             storage.working_root(bad)
@@ -68,6 +69,25 @@ def test_push_pull_round_trip_and_what_differs(s3_server):
     assert (root / "stage" / "a.bin").read_bytes() == b"gamma"
 
 
+class _FailsAfterOneRead:
+    """A file or stream whose second read raises OSError(`message`): a transfer cut off mid-file."""
+
+    def __init__(self, stream, message: str):
+        self.stream, self.message, self.reads = stream, message, 0
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        if self.reads > 1:
+            raise OSError(self.message)
+        return self.stream.read(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+
 def test_a_push_that_fails_mid_file_leaves_the_old_object(s3_server, monkeypatch):
     make_bucket("halfpush")
     root = storage.working_root("s3://halfpush/run")
@@ -76,25 +96,9 @@ def test_a_push_that_fails_mid_file_leaves_the_old_object(s3_server, monkeypatch
     storage.push(root / "s")
     (root / "s" / "model.pt").write_bytes(os.urandom(3 * 2**20))
     real_open = open
-
-    class Failing:
-        def __init__(self, *args, **kwargs):
-            self.f, self.reads = real_open(*args, **kwargs), 0
-
-        def read(self, n):
-            self.reads += 1
-            if self.reads > 1:
-                raise OSError("disk read error")
-            return self.f.read(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     monkeypatch.setattr(storage, "_CHUNK", 2**20)
-    monkeypatch.setattr(storage, "open", Failing, raising=False)
+    monkeypatch.setattr(storage, "open", lambda *a, **k: _FailsAfterOneRead(real_open(*a, **k), "disk read error"),
+                        raising=False)
     with pytest.raises(OSError, match="disk read error"):
         storage.push(root / "s" / "model.pt")
     monkeypatch.undo()
@@ -116,28 +120,12 @@ def test_a_pull_that_fails_mid_file_leaves_no_part(s3_server, monkeypatch):
     (root / "s" / "feat.tar").unlink()
     fs, _ = storage._filesystem("s3://halfpull")
 
-    class Broken:
-        def __init__(self, stream):
-            self.stream, self.reads = stream, 0
-
-        def read(self, n):
-            self.reads += 1
-            if self.reads > 1:
-                raise OSError("connection reset")
-            return self.stream.read(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.stream.close()
-
     class Flaky:
         def __getattr__(self, name):
             return getattr(fs, name)
 
         def open_input_stream(self, key):
-            return Broken(fs.open_input_stream(key))
+            return _FailsAfterOneRead(fs.open_input_stream(key), "connection reset")
 
     monkeypatch.setattr(storage, "_CHUNK", 2**20)
     monkeypatch.setattr(storage, "_filesystem", lambda uri: (Flaky(), storage.split_uri(uri)[1]))
@@ -231,7 +219,7 @@ def test_a_stage_that_fails_in_a_bucket_resumes_from_it_on_another_node(s3_serve
         return {"data": str(ctx.out_dir / "data.txt")}
 
     def two_parts(section, ctx) -> dict:
-        data = storage.Path(ctx.upstream("generate", "data")).read_text()  # pulled by the runner
+        data = Path(ctx.upstream("generate", "data")).read_text()  # pulled by the runner
         first = ctx.out_dir / "part-0.txt"
         seen.append(first.exists())
         if not first.exists():
@@ -261,7 +249,7 @@ def test_a_stage_that_fails_in_a_bucket_resumes_from_it_on_another_node(s3_serve
 # A pipeline whose run.root is a bucket
 
 
-REPO = storage.Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 S3_STAGES = "generate,ingest,simulate,ingest_sim,encode,train_lam,eval_probe"  # simulators off: see the task test
 S3_RUN = ["generate.synthetic.n_videos=6", "generate.synthetic.val_fraction=0.3", "generate.synthetic.seconds=5", "generate.synthetic.size=[64,64]",
           "generate.real_samples=false", "ingest.size=32", "ingest.min_shards=1", "simulate.manip.enabled=false",
@@ -295,7 +283,7 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     uri = make_bucket("lawm-run") + "/runs/a"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
     _pipeline(capsys, "--stages", S3_STAGES, f"run.root={uri}", *S3_RUN)
-    objects = {k[len("runs/a/"):] for k in _keys("lawm-run")}
+    objects = {k[len("runs/a/"):] for k in _objects("lawm-run")}
     stages = S3_STAGES.split(",")
     assert {f"{s}/_stage.json" for s in stages} <= objects
     assert not any(k.endswith("_pending.json") or k.endswith(".tmp") for k in objects), objects
@@ -307,7 +295,7 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     assert any("/checkpoint_" in k and k.endswith("state.pt") for k in objects), sorted(objects)
     mirror = storage.working_root(uri)
     lam = marker["train_lam"]["outputs"]["model"]
-    assert storage.Path(lam).is_relative_to(mirror)  # a path that means the same object on every node
+    assert Path(lam).is_relative_to(mirror)  # a path that means the same object on every node
 
     # a fresh node (an empty mirror) with eval_probe changed: every other stage is found done in the store, and
     # eval_probe runs on the features and model it pulls
@@ -318,7 +306,7 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     probe = json.loads(_objects("lawm-run")["runs/a/eval_probe/_stage.json"])
     assert probe["config_hash"] != first_probe["config_hash"]
     assert probe == json.loads((mirror / "eval_probe" / "_stage.json").read_text())
-    assert storage.Path(lam).exists() and any((mirror / "encode" / "wild" / "features").glob("*.tar"))
+    assert Path(lam).exists() and any((mirror / "encode" / "wild" / "features").glob("*.tar"))
     assert not (mirror / "ingest" / "shards").exists()  # a skipped stage's outputs stay in the store
 
     client = mlflow.MlflowClient(tracking_server.url)
@@ -333,7 +321,3 @@ def test_a_pipeline_in_a_bucket_runs_skips_and_resumes_from_the_store_alone(s3_s
     inputs = client.get_run(probe["mlflow_run_id"]).inputs.dataset_inputs
     assert [(d.dataset.name, f"{uri}/ingest/clips.parquet" in d.dataset.source) for d in inputs] == \
         [("clips/wild", True)]
-
-
-def _keys(bucket: str) -> list[str]:
-    return list(_objects(bucket))
