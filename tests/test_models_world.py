@@ -136,6 +136,59 @@ def test_lam_predict_rollout_and_capacity():
     assert err == pytest.approx((pred - s[:, 1:]).abs().mean().item(), rel=1e-4)
 
 
+def _rerun_rollout(wm: WorldModel, context: torch.Tensor, context_z: torch.Tensor, z_seq: torch.Tensor):
+    """The rollout without a cache: each step runs the whole sequence so far (the independent reference)."""
+    seq, zs, out = context, context_z, []
+    for h in range(z_seq.shape[1]):
+        zs = torch.cat([zs, z_seq[:, h : h + 1]], dim=1)
+        nxt = wm(seq, zs)[:, -1:]
+        out.append(nxt)
+        seq = torch.cat([seq, nxt], dim=1)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("token_wise", [False, True])
+def test_cached_rollout_equals_rerunning_the_whole_sequence(token_wise):
+    """The KV-cached rollout (one new frame per step) gives what re-running every frame gives, over several steps,
+    from a context cached at batch 1 and stepped at batch 3; forking leaves the shared context as it was."""
+    wm = randomise(WorldModel(WorldModelConfig(width=24, depth=2, heads=4), D, (G, G), DZ))
+    ctx = torch.randn(1, 3, G * G, D)
+    zshape = (G * G, DZ) if token_wise else (DZ,)
+    ctx_z, z_seq = torch.randn(1, 2, *zshape), torch.randn(3, 4, *zshape)
+    with torch.no_grad():
+        ref = _rerun_rollout(wm, ctx.expand(3, -1, -1, -1), ctx_z.expand(3, *ctx_z.shape[1:]), z_seq)
+        cache = wm.prefill(ctx[:, :-1], ctx_z)
+        assert cache.frames == 2 and cache.layers[0].k.shape[0] == 1
+        got = wm.rollout(ctx[:, -1:], z_seq, cache)
+        assert cache.frames == 2 and cache.layers[0].k.shape[2] == 2 * G * G  # the fork grew, not the cache
+        again = wm.rollout(ctx[:, -1:], z_seq, cache)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    # a changed latent at step 2 changes steps 2.. and not steps 0..1 (the cache keeps frame causality)
+    z2 = z_seq.clone()
+    z2[:, 2] += 1.0
+    with torch.no_grad():
+        moved = wm.rollout(ctx[:, -1:], z2, cache)
+    torch.testing.assert_close(moved[:, :2], got[:, :2], rtol=0, atol=1e-6)
+    assert not torch.allclose(moved[:, 2:], got[:, 2:], atol=1e-4)
+
+
+def test_several_frames_after_a_cache_see_the_cache_and_are_block_causal_among_themselves():
+    wm = randomise(WorldModel(WorldModelConfig(width=24, depth=2, heads=4), D, (G, G), DZ))
+    s, z = torch.randn(B, 5, G * G, D), torch.randn(B, 5, DZ)
+    with torch.no_grad():
+        whole = wm(s, z)
+        cache = wm.prefill(s[:, :2], z[:, :2])
+        rest = wm(s[:, 2:], z[:, 2:], cache=cache)
+    torch.testing.assert_close(rest, whole[:, 2:], rtol=1e-5, atol=1e-5)
+    assert cache.frames == 5
+    with pytest.raises(ValueError, match="causal"):
+        from lawm.models.layers import Transformer
+
+        full = Transformer(24, 1, 4, causal=False)
+        full(torch.randn(1, 1, G * G, 24), (G, G), cache=full.new_cache())
+
+
 def test_decoder_is_frame_causal_and_handles_tubelets():
     for tub in (1, 2):
         dec = randomise(FrameDecoder(DecoderConfig(feat_dim=D, grid_h=G, grid_w=G, image_size=12, tubelet=tub,

@@ -172,6 +172,21 @@ def test_batched_rollouts_equal_one_candidate_at_a_time(one_thread):
         assert batched.shape == (5, 4, grid * grid, dim)
         single = torch.cat([roll(ctx, ctx_a, cand[i : i + 1]) for i in range(5)])
         assert torch.allclose(batched, single, atol=1e-5)
+    # the stepped rollouts (caches over the context, one new frame per step) against re-running every frame
+    with torch.no_grad():
+        seq, acts, ref = ctx[None].expand(5, -1, -1, -1), (ctx_a * 2)[None].expand(5, -1, -1), []
+        z = lam.infer_latents(ctx[None]).expand(5, -1, -1)
+        for h in range(cand.shape[1]):
+            acts = torch.cat([acts, cand[:, h : h + 1] * 2], dim=1)
+            z = torch.cat([z, ctrl.eval()(acts, seq)[:, -1:]], dim=1)
+            nxt = lam.eval().predict(seq, z)[:, -1:]
+            ref.append(nxt)
+            seq = torch.cat([seq, nxt], dim=1)
+    roll = ControllerRollout(lam, ctrl, action_scale=2.0)
+    torch.testing.assert_close(roll(ctx, ctx_a, cand), torch.cat(ref, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(roll(ctx, ctx_a, cand), roll(ctx, ctx_a, cand), rtol=0, atol=0)  # context reused
+    ctx2 = ctx + 0.5  # a new context is a new prefix, not the cached one
+    assert not torch.allclose(roll(ctx2, ctx_a, cand), roll(ctx, ctx_a, cand), atol=1e-4)
     # the scale is applied: scaling the candidates by 2 at scale 1 gives the same rollout as scale 2
     a = ControllerRollout(lam, ctrl, action_scale=1.0)(ctx, ctx_a * 2, cand * 2)
     b = ControllerRollout(lam, ctrl, action_scale=2.0)(ctx, ctx_a, cand)

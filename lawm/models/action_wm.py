@@ -53,10 +53,4 @@ class ActionWorldModel(nn.Module):
             acts = context_actions if context_actions is not None else actions[:, :0]
             if acts.shape[1] != context_s.shape[1] - 1:
                 raise ValueError("context_actions must hold Tc-1 actions")
-            seq, out = context_s, []
-            for h in range(actions.shape[1]):
-                acts = torch.cat([acts, actions[:, h : h + 1]], dim=1)
-                nxt = self.predict(seq, acts)[:, -1:]
-                out.append(nxt)
-                seq = torch.cat([seq, nxt.to(seq.dtype)], dim=1)
-            return torch.cat(out, dim=1)
+            return self.wm.rollout(context_s[:, -1:], actions, self.wm.prefill(context_s[:, :-1], acts))

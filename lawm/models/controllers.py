@@ -6,6 +6,10 @@
   tokens of frame t summarise s_0..s_t and never the future), then the action a_t, embedded by a 3-layer MLP,
   cross-attends to frame t's tokens as a single query token, then a linear map to z_t. The representation
   disambiguates what the action does from this viewpoint.
+
+Planning steps the controller frame by frame: `observe` runs the self-attention over new frames (the body never
+sees actions, so a shared context is observed once, at batch 1), `read` turns an action and the frame's tokens into
+z. `forward` is the two over a whole sequence; a step equals its last output (tests/test_planning.py).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lawm.config import require
-from lawm.models.layers import CrossAttention, Mlp, Transformer, _init_linear
+from lawm.models.layers import CrossAttention, Mlp, StepCache, Transformer, _init_linear
 
 
 @dataclass(kw_only=True)
@@ -67,11 +71,26 @@ class Controller(nn.Module):
         if self.cfg.kind == "mlp":
             return self.net(actions)
         b, t = actions.shape[:2]
-        a = self.act(actions).flatten(0, 1)[:, None]  # (B*T, 1, W) one query per action
-        x = self.body(self.inp(s), (self.cfg.grid_h, self.cfg.grid_w)).flatten(0, 1)  # (B*T, N, W)
+        return self.read(actions.flatten(0, 1), self.observe(s).flatten(0, 1)).unflatten(0, (b, t))
+
+    def new_cache(self) -> StepCache | None:
+        return None if self.cfg.kind == "mlp" else self.body.new_cache()
+
+    def observe(self, s: torch.Tensor, cache: StepCache | None = None) -> torch.Tensor | None:
+        """s (B, T, N, D) -> the self-attention's tokens (B, T, N, W), frame t summarising s_0..s_t; with `cache`,
+        s follows the frames already observed. None for the `mlp` kind (it never looks at s)."""
+        if self.cfg.kind == "mlp":
+            return None
+        return self.body(self.inp(s), (self.cfg.grid_h, self.cfg.grid_w), cache=cache)
+
+    def read(self, actions: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """actions (B, A) taken at frames whose observed tokens are x (B, N, W) -> z (B, dz)."""
+        if self.cfg.kind == "mlp":
+            return self.net(actions)
+        a = self.act(actions)[:, None]  # (B, 1, W): one query per action
         q = a + self.xattn(self.norm_q(a), self.norm_kv(x))
         q = q + self.mlp(self.norm_out(q))
-        return self.out(q[:, 0]).unflatten(0, (b, t))
+        return self.out(q[:, 0])
 
 
 def controller_loss(pred_z: torch.Tensor, target_z: torch.Tensor) -> torch.Tensor:

@@ -99,13 +99,8 @@ class LatentActionWorldModel(nn.Module):
         with eval_mode(self):
             if context_z is None:
                 context_z = self.infer_latents(context_s) if context_s.shape[1] > 1 else z_seq[:, :0]
-            seq, zs, out = context_s, context_z, []
-            for h in range(z_seq.shape[1]):
-                zs = torch.cat([zs, z_seq[:, h : h + 1]], dim=1)
-                nxt = self.predict(seq, zs)[:, -1:]
-                out.append(nxt)
-                seq = torch.cat([seq, nxt.to(seq.dtype)], dim=1)
-            return torch.cat(out, dim=1)
+            cache = self.wm.prefill(context_s[:, :-1], context_z)
+            return self.wm.rollout(context_s[:, -1:], z_seq, cache)
 
     @torch.no_grad()
     def one_step_error(self, s: torch.Tensor, reduce: bool = True):

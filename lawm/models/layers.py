@@ -2,6 +2,12 @@
 
 Token tensors are kept as (B, T, N, W) so that frame-wise conditioning broadcasts over a frame's N tokens
 without materialising a per-token copy; they are flattened to (B, T*N, W) only inside attention.
+
+Autoregressive rollouts step frame by frame with a `KVCache`: block-causal attention means a frame's keys and
+values never change once it is seen, so a step computes only the new frame's tokens, attending to the cached keys
+of the earlier frames. Without it step t recomputes all t frames (nav planning, 4 context frames + 8 steps: 60
+frame passes per candidate instead of 8, and a (12*64)^2 score matrix per head). A cache filled at batch 1 (a
+shared context) serves a batch of any size: it is broadcast on the first step, never copied before.
 """
 from __future__ import annotations
 
@@ -93,6 +99,40 @@ def block_causal_block_mask(t: int, n: int, device) -> "object":
     return _FLEX[key]
 
 
+class KVCache:
+    """Keys and values (after RoPE) of the frames one block has seen, (B, heads, L, head_dim). Tensors are never
+    written in place: `fork()` gives a cache that can grow without changing this one (a shared context, reused
+    by every rollout of a CEM iteration)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys/values; returns all of them. A batch-1 cache broadcasts to k's batch."""
+        if self.k is not None:
+            b = k.shape[0]
+            k = torch.cat([self.k.expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.v.expand(b, -1, -1, -1), v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class StepCache:
+    """One `KVCache` per block of a Transformer, and how many frames they hold (the next frame's time index)."""
+
+    def __init__(self, depth: int):
+        self.layers = [KVCache() for _ in range(depth)]
+        self.frames = 0
+
+    def fork(self) -> "StepCache":
+        new = StepCache(len(self.layers))
+        for mine, theirs in zip(self.layers, new.layers):
+            theirs.k, theirs.v = mine.k, mine.v
+        new.frames = self.frames
+        return new
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -102,11 +142,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, rope=None, mask=None):
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None):
         b, l, w = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = Rope3D.rotate(q, *rope), Rope3D.rotate(k, *rope)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
             flex = _FLEX["fn"] if q.is_cuda else _FLEX["eager"]  # eager on CPU: the agreement test only
             y = flex(q, k, v, block_mask=mask)
@@ -170,16 +212,17 @@ class Block(nn.Module):
             nn.init.zeros_(self.ada[1].weight)
             nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, rope=None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, rope=None, mask=None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """x (B, T, N, W); c (B, T, 1 or N, C) conditioning per frame (or per token)."""
         b, t, n, w = x.shape
         if self.cond:
             sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
             h = modulate(self.norm1(x), sh1, sc1)
-            x = x + g1 * self.attn(h.reshape(b, t * n, w), rope, mask).view(b, t, n, w)
+            x = x + g1 * self.attn(h.reshape(b, t * n, w), rope, mask, cache).view(b, t, n, w)
             x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
         else:
-            x = x + self.attn(self.norm1(x).reshape(b, t * n, w), rope, mask).view(b, t, n, w)
+            x = x + self.attn(self.norm1(x).reshape(b, t * n, w), rope, mask, cache).view(b, t, n, w)
             x = x + self.mlp(self.norm2(x))
         return x
 
@@ -201,14 +244,30 @@ class Transformer(nn.Module):
                 nn.init.zeros_(blk.ada[1].weight)
                 nn.init.zeros_(blk.ada[1].bias)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int], c: torch.Tensor | None = None, t0: int = 0):
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], c: torch.Tensor | None = None, t0: int = 0,
+                cache: StepCache | None = None):
+        """x (B, T, N, W) -> (B, T, N, W). With `cache`, x holds the frames after the cached ones (their time index
+        starts at cache.frames, and t0 is ignored): they attend to the cached keys, and the cache takes theirs."""
         b, t, n, w = x.shape
+        if cache is None:
+            mask = self._mask(t, n, x.device) if self.causal and t > 1 else None
+        else:
+            if not self.causal:
+                raise ValueError("a step cache needs a causal Transformer (a full-attention frame sees its future)")
+            t0 = cache.frames
+            mask = self._mask(t, n, x.device) if t0 == 0 and t > 1 else None
+            if t0 > 0 and t > 1:  # several new frames after cached ones: every cached frame, block-causal among new
+                frame = torch.arange(t0 + t, device=x.device).repeat_interleave(n)
+                mask = frame[t0 * n :, None] >= frame[None, :]
         rope = self.rope.angles(grid_positions(t, grid[0], grid[1], x.device, t0))
-        mask = self._mask(t, n, x.device) if self.causal and t > 1 else None
-        for blk in self.blocks:
-            x = blk(x, c, rope, mask)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, c, rope, mask, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.frames += t
         return x
 
+    def new_cache(self) -> StepCache:
+        return StepCache(len(self.blocks))
 
     def _mask(self, t: int, n: int, device: torch.device):
         kind = self.attention

@@ -3,6 +3,9 @@
 One pass predicts every next frame (teacher forcing): output frame t is the prediction of s_{t+1}. Conditioning is
 frame-wise AdaLN-zero on z_t (or token-wise when z carries one latent per token). Frame t's tokens also see the
 tokens of earlier frames, which were modulated by earlier latents: these are past actions, so nothing leaks.
+
+Rollouts (`prefill`, then `rollout`) step one frame at a time through a `StepCache` (lawm.models.layers): each
+step computes only the new frame, and equals re-running the whole sequence (tests/test_models_world.py).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from lawm.config import require
-from lawm.models.layers import Transformer, modulate
+from lawm.models.layers import StepCache, Transformer, modulate
 
 # width, depth, heads, cond_width. L: 24 x 1024 ~ 300 M in the blocks; cond_width 128 keeps AdaLN at ~19 M
 # (DiT's cond_width = width would add 150 M of modulation weights for a 128-d input).
@@ -76,12 +79,34 @@ class WorldModel(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, s: torch.Tensor, z: torch.Tensor, t0: int = 0) -> torch.Tensor:
-        """s (B, T, N, D), z (B, T, dz) or (B, T, N, dz) -> predictions of s_1..s_T, (B, T, N, D)."""
+    def forward(self, s: torch.Tensor, z: torch.Tensor, t0: int = 0, cache: StepCache | None = None
+                ) -> torch.Tensor:
+        """s (B, T, N, D), z (B, T, dz) or (B, T, N, dz) -> predictions of s_1..s_T, (B, T, N, D).
+        With `cache`: s holds the frames after the cached ones (see `Transformer.forward`)."""
         c = self.cond(z)
         if c.dim() == 3:
             c = c[:, :, None]  # frame-wise: broadcast over the frame's tokens
-        x = self.body(self.inp(s), self.grid, c, t0)
+        x = self.body(self.inp(s), self.grid, c, t0, cache)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         delta = self.out(modulate(self.norm(x), shift, scale))
         return s + delta.to(s.dtype) if self.cfg.residual else delta.to(s.dtype)
+
+    @torch.no_grad()
+    def prefill(self, s: torch.Tensor, z: torch.Tensor) -> StepCache:
+        """A cache over frames s (B, T, N, D) conditioned on z (B, T, dz); T may be 0. Batch 1 serves any batch."""
+        cache = self.body.new_cache()
+        if s.shape[1]:
+            self(s, z, cache=cache)
+        return cache
+
+    @torch.no_grad()
+    def rollout(self, last: torch.Tensor, z_seq: torch.Tensor, cache: StepCache) -> torch.Tensor:
+        """From the last observed frame (B, 1, N, D), the frames before it in `cache` (left as it was: forked),
+        apply z_seq (B, H, dz) autoregressively -> the predicted frames (B, H, N, D), float32."""
+        cache, out = cache.fork(), []
+        last = last.expand(z_seq.shape[0], -1, -1, -1)
+        for h in range(z_seq.shape[1]):
+            nxt = self(last, z_seq[:, h : h + 1], cache=cache)
+            out.append(nxt.float())
+            last = nxt
+        return torch.cat(out, dim=1)

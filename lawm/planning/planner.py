@@ -39,49 +39,61 @@ class Rollout(Protocol):
 
 
 class ControllerRollout:
+    """The controller and the world model stepped together, one frame at a time: z_t = controller(a_t, s_0..t)
+    (its last output; a_t alone of the actions matters, so `context_actions` are not used), then s_t+1 from the
+    world model. The context (its IDM latents, both models' caches over its frames) is computed once per context
+    at batch 1, and every call (a CEM iteration's candidates) starts from a fork of it."""
+
     def __init__(self, lam: LatentActionWorldModel, controller: Controller, action_scale: float):
         self.lam, self.controller, self.scale = lam.eval(), controller.eval(), action_scale
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._context: tuple | None = None
 
-    def _context_z(self, context_s: torch.Tensor) -> torch.Tensor:
-        """IDM latents of the observed context, computed once per context (CEM calls us many times)."""
-        if self._cache is None or self._cache[0] is not context_s:
-            if len(context_s) > 1:
-                z = self.lam.infer_latents(context_s[None])  # (1, Tc-1, dz)
-            else:
-                z = context_s.new_zeros(1, 0, self.lam.cfg.latent_dim)
-            self._cache = (context_s, z)
-        return self._cache[1]
+    @torch.no_grad()
+    def _prefix(self, context_s: torch.Tensor):
+        if self._context is None or self._context[0] is not context_s:
+            s = context_s[None]
+            with eval_mode(self.lam), eval_mode(self.controller):
+                z = self.lam.infer_latents(s) if len(context_s) > 1 else s.new_zeros(1, 0, self.lam.cfg.latent_dim)
+                wm_cache = self.lam.wm.prefill(s[:, :-1], z)
+                ctrl_cache = self.controller.new_cache()
+                x = self.controller.observe(s, ctrl_cache)
+            self._context = (context_s, wm_cache, ctrl_cache, None if x is None else x[:, -1])
+        return self._context[1:]
 
     @torch.no_grad()
     def __call__(self, context_s, context_actions, actions):
         s_count = actions.shape[0]
-        z = self._context_z(context_s)
-        seq = context_s[None].expand(s_count, -1, -1, -1)
-        zs = z.expand(s_count, -1, -1)
-        acts = (context_actions[None].expand(s_count, -1, -1) * self.scale).to(actions.dtype)
+        wm_cache, ctrl_cache, x = self._prefix(context_s)
+        wm_cache = wm_cache.fork()
+        ctrl_cache = None if ctrl_cache is None else ctrl_cache.fork()
+        x = None if x is None else x.expand(s_count, -1, -1)  # the last context frame, seen by the controller
+        cur = context_s[-1][None, None].expand(s_count, -1, -1, -1)
         out = []
         with eval_mode(self.lam), eval_mode(self.controller):
             for h in range(actions.shape[1]):
-                acts = torch.cat([acts, actions[:, h : h + 1] * self.scale], dim=1)  # a_0 .. a_t (t = current)
-                z_t = self.controller(acts, seq)[:, -1:]  # causal: sees s_0..s_t and a_t
-                zs = torch.cat([zs, z_t.to(zs.dtype)], dim=1)
-                nxt = self.lam.predict(seq, zs)[:, -1:]
-                out.append(nxt)
-                seq = torch.cat([seq, nxt.to(seq.dtype)], dim=1)
+                z_t = self.controller.read(actions[:, h] * self.scale, x)
+                cur = self.lam.wm(cur, z_t[:, None].to(cur.dtype), cache=wm_cache)
+                out.append(cur.float())
+                if x is not None and h + 1 < actions.shape[1]:
+                    x = self.controller.observe(cur, ctrl_cache)[:, 0]
         return torch.cat(out, dim=1)
 
 
 class ActionWMRollout:
+    """The action-conditioned world model from a context cached once per context at batch 1 (see above)."""
+
     def __init__(self, model: ActionWorldModel, action_scale: float):
         self.model, self.scale = model.eval(), action_scale
+        self._context: tuple | None = None
 
     @torch.no_grad()
     def __call__(self, context_s, context_actions, actions):
-        s_count = actions.shape[0]
-        ctx = context_s[None].expand(s_count, -1, -1, -1)
-        ctx_a = context_actions[None].expand(s_count, -1, -1) * self.scale
-        return self.model.rollout(ctx, actions * self.scale, ctx_a)
+        if self._context is None or self._context[0] is not context_s or self._context[1] is not context_actions:
+            with eval_mode(self.model):
+                cache = self.model.wm.prefill(context_s[None, :-1], context_actions[None] * self.scale)
+            self._context = (context_s, context_actions, cache)
+        with eval_mode(self.model):
+            return self.model.wm.rollout(context_s[None, -1:], actions * self.scale, self._context[2])
 
 
 def representation_cost(pred: torch.Tensor, goal: torch.Tensor, kind: Literal["l1", "l2"]) -> torch.Tensor:
