@@ -18,8 +18,8 @@ episodes were rendered at), `train_lam` (the latent action world model), `train_
   frozen encoder the encode stage used (built from its recorded config), replan, until the goal radius or the step
   limit. `planning/<domain>/closed_loop_success` and `…/closed_loop_final_distance` (metres), same baselines.
 
-Actions: real units in the planner, multiplied by `action_scale[domain]` before entering a model, exactly as
-training did (`batch_actions`); one action per representation transition (tubelet 1; `check_tubelet`).
+Actions: real units in the planner, multiplied before entering a model by the scale that model was trained with
+(recorded in its checkpoint: `trained_action_scale`), exactly as training did (`batch_actions`); one action per representation transition (tubelet 1; `check_tubelet`).
 
 Outputs (in `<run.root>/eval_planning/`): `nav/trajectories.parquet` (episode, step, gt_x, gt_y, gt_yaw, plan_x,
 plan_y, plan_yaw: positions in waypoint units, yaw in radians, in the frame of the start pose),
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lawm.checkpoint import load_model
+from lawm.checkpoint import load_checkpoint, load_model
 from lawm.config import require
 from lawm.files import atomic_write_json, atomic_write_parquet
 from lawm.data.features import feature_dataset
@@ -48,11 +48,11 @@ from lawm.planning.closed_loop import run_closed_loop
 from lawm.planning.metrics import ate, delta_xyz, rpe
 from lawm.planning.planner import ActionWMRollout, ControllerRollout, Planner, check_tubelet
 from lawm.models.encoders import EncoderConfig
+from lawm.training.objectives import trained_action_scale
 from lawm_datasets import sim_manip, sim_nav
 from lawm_datasets.simcommon import CONTROL_HZ
 
 from jobs.runner import StageContext
-from jobs.train_stages import ActionData
 
 DOMAINS = ("nav", "manip")
 
@@ -111,8 +111,6 @@ class ClosedLoopConfig:
 class EvalPlanningConfig:
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     controller: Literal["cross_attention", "mlp"] = "cross_attention"  # the paper plans through cross-attention
-    # must equal train_controller.data.action_scale and train_wm_action.data.action_scale (the same defaults)
-    action_scale: dict[str, float] = field(default_factory=lambda: dict(ActionData().action_scale))
     manip: ManipPlanningConfig = field(default_factory=ManipPlanningConfig)
     nav: NavPlanningConfig = field(default_factory=NavPlanningConfig)
     closed_loop: ClosedLoopConfig = field(default_factory=ClosedLoopConfig)
@@ -127,7 +125,6 @@ class EvalPlanningConfig:
 
     def validate(self) -> None:
         require(set(self.domains) <= set(DOMAINS), "domains", f"must be among {list(DOMAINS)}")
-        require(all(v > 0 for v in self.action_scale.values()), "action_scale", "must be positive")
         require(self.threads >= 0, "threads", "must be >= 0")
         require(self.frame_size >= 0, "frame_size", "must be >= 0 (0 = as rendered)")
         self.manip.validate()
@@ -199,9 +196,10 @@ class DomainModels:
 def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMConfig, cost: str) -> DomainModels:
     ctrl_key = f"{domain}_controller_{cfg.controller}"
     lam = load_model(ctx.upstream("train_lam", "model"))
-    controller = load_model(ctx.upstream("train_controller", ctrl_key))
-    action_wm = load_model(ctx.upstream("train_wm_action", f"{domain}_action_wm"))
-    scale = cfg.action_scale[domain]
+    ctrl_path = ctx.upstream("train_controller", ctrl_key)
+    wm_path = ctx.upstream("train_wm_action", f"{domain}_action_wm")
+    controller, action_wm = load_model(ctrl_path), load_model(wm_path)
+    ctrl_scale, wm_scale = (trained_action_scale(load_checkpoint(p)) for p in (ctrl_path, wm_path))
     if domain == "nav":
         env = cfg.nav_env
         low, high = torch.tensor([-env.max_v, -env.max_w]), torch.tensor([env.max_v, env.max_w])
@@ -212,8 +210,8 @@ def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMC
         raise ValueError(f"eval_planning: {domain} models take {controller.cfg.action_dim}-d actions, "
                          f"the simulator's are {len(low)}-d")
     return DomainModels(
-        latent=Planner(rollout=ControllerRollout(lam, controller, scale), cem=cem, low=low, high=high, cost=cost),
-        action_wm=Planner(rollout=ActionWMRollout(action_wm, scale), cem=cem, low=low, high=high, cost=cost),
+        latent=Planner(rollout=ControllerRollout(lam, controller, ctrl_scale), cem=cem, low=low, high=high, cost=cost),
+        action_wm=Planner(rollout=ActionWMRollout(action_wm, wm_scale), cem=cem, low=low, high=high, cost=cost),
         low=low, high=high)
 
 

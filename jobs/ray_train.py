@@ -312,7 +312,8 @@ def _finish(job: TrainJob, objective: torch.nn.Module, log: _MlflowLogger) -> No
         bad = nonfinite_tensors(m.state_dict())
         if bad:
             raise RuntimeError(f"{job.stage}: refusing to export {name}: non-finite weights in {', '.join(bad[:5])}")
-    paths = {name: str(save_model(models_dir / f"{name}.pt", m)) for name, m in exports.items()}
+    extra = objective.export_extra() if hasattr(objective, "export_extra") else {}
+    paths = {name: str(save_model(models_dir / f"{name}.pt", m, extra)) for name, m in exports.items()}
     evaluation: dict[str, float] = {}
     if hasattr(objective, "evaluate") and job.val_urls:
         objective.eval()

@@ -54,6 +54,8 @@ class ActionData:
 
     def validate(self) -> None:
         require(set(self.domains) <= set(DOMAINS), "domains", f"must be among {list(DOMAINS)}")
+        require(set(self.domains) <= set(self.action_scale), "action_scale", "needs a scale for every domain")
+        require(all(v > 0 for v in self.action_scale.values()), "action_scale", "must be positive")
 
 
 @dataclass(kw_only=True)
@@ -178,7 +180,7 @@ def _per_domain(cfg, ctx: StageContext, stage: str, build, kwargs_for) -> dict:
         shards = enc.get(f"{domain}_features")
         if not shards:
             continue
-        kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale.get(domain, 1.0))
+        kwargs = kwargs_for(enc, domain, action_dim(shards), cfg.data.action_scale[domain])
         jobs[domain] = _job(ctx, stage_dir=ctx.out_dir / domain, name=f"{stage}_{domain}", build=build, kwargs=kwargs,
                             train=cfg.train, scaling=cfg.scaling, shards=shards, kind="features", labels=True,
                             metric_prefix=f"{domain}/")

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lawm.checkpoint import save_model
+from lawm.checkpoint import load_checkpoint, load_model, save_model
 from lawm.config import from_dict, to_dict
 from lawm.models.action_wm import ActionWMConfig, ActionWorldModel
 from lawm.models.controllers import Controller, ControllerConfig
@@ -102,12 +102,13 @@ def upstream(tmp_path):
     lam = LatentActionWorldModel(LAMConfig(feat_dim=DIM, grid_h=GRID, grid_w=GRID, latent_dim=16))
     _marker(root, "train_lam", {"model": str(save_model(data / "lam.pt", lam))})
     ctrls, wms = {}, {}
-    for domain, adim in (("nav", 2), ("manip", 4)):
+    for domain, adim, scale in (("nav", 2, 1.0), ("manip", 4, 25.0)):
         ctrl = Controller(ControllerConfig(action_dim=adim, latent_dim=16, feat_dim=DIM, grid_h=GRID, grid_w=GRID,
                                            width=32, depth=1, heads=4))
-        ctrls[f"{domain}_controller_cross_attention"] = str(save_model(data / f"{domain}_ctrl.pt", ctrl))
+        ctrls[f"{domain}_controller_cross_attention"] = str(save_model(data / f"{domain}_ctrl.pt", ctrl,
+                                                                       {"action_scale": scale}))
         wm = ActionWorldModel(ActionWMConfig(feat_dim=DIM, grid_h=GRID, grid_w=GRID, action_dim=adim))
-        wms[f"{domain}_action_wm"] = str(save_model(data / f"{domain}_awm.pt", wm))
+        wms[f"{domain}_action_wm"] = str(save_model(data / f"{domain}_awm.pt", wm, {"action_scale": scale}))
     _marker(root, "train_controller", ctrls)
     _marker(root, "train_wm_action", wms)
     return root
@@ -186,6 +187,16 @@ def test_eval_planning_refuses_bad_inputs(upstream):
     with pytest.raises(ValueError, match="no held-out \\(val\\) nav clips"):
         run_pipeline(_config(root), STAGES, ["eval_planning"], echo=lambda m: None)
     assert not (root / "eval_planning" / "_stage.json").exists()
+    # a controller checkpoint that does not say which action scale it was trained with is refused, not guessed
+    for shard in Path(marker["outputs"]["nav_features"]).glob("*.tar"):
+        shard.rename(shard.with_name("val-000000.tar"))
+    ctrl_path = json.loads((root / "train_controller" / "_stage.json").read_text())["outputs"][
+        "nav_controller_cross_attention"]
+    payload = load_checkpoint(ctrl_path)
+    save_model(ctrl_path, load_model(ctrl_path), extra={k: v for k, v in payload["extra"].items()
+                                                        if k != "action_scale"})
+    with pytest.raises(ValueError, match="does not record the action scale"):
+        run_pipeline(_config(root), STAGES, ["eval_planning"], echo=lambda m: None)
     with pytest.raises(Exception, match="elites"):
         _config(root, manip={"cem": {"samples": 2, "elites": 3, "iterations": 1, "horizon": 3}})
 

@@ -2,8 +2,8 @@
 
     result = cem(cost, low, high, CEMConfig(samples=300, elites=10, iterations=15, horizon=3), generator=g)
 
-`cost(actions)` takes candidates (S, H, A) in real action units and returns (S,) costs; it is the whole batched
-world-model rollout plus the distance to the goal. The search runs in a normalised space where each action
+`cost(actions)` takes candidates (S, H, A) in real action units (on the CPU) and returns (S,) costs on any device;
+it is the whole batched world-model rollout plus the distance to the goal. The search runs in a normalised space where each action
 dimension's bounds [low, high] map to [-1, 1]: it starts at the centre of the box with standard deviation
 `init_std` (the paper's "mean 0, variance 1" when bounds are symmetric and init_std = 1), samples are clipped to the
 box, the `elites` lowest-cost samples refit mean and std, and the best candidate ever scored is returned.
@@ -56,7 +56,7 @@ def _score(cost: Callable[[torch.Tensor], torch.Tensor], cand: torch.Tensor, bat
         out = cost(cand)
     else:
         out = torch.cat([cost(cand[i : i + batch]) for i in range(0, len(cand), batch)])
-    out = out.detach().float().reshape(-1)
+    out = out.detach().float().reshape(-1).cpu()  # the search itself lives on the CPU: S numbers
     if out.shape[0] != cand.shape[0]:
         raise ValueError(f"cost returned {out.shape[0]} values for {cand.shape[0]} candidates")
     # a non-finite cost (a diverged rollout) must never be chosen

@@ -113,12 +113,14 @@ class Planner:
 
     def plan(self, context_s: torch.Tensor, context_actions: torch.Tensor, goal_s: torch.Tensor,
              generator: torch.Generator | None = None) -> CEMResult:
-        """Best (H, A) real actions from the last context frame so that the prediction at the horizon is the goal."""
+        """Best (H, A) real actions from the last context frame so that the prediction at the horizon is the goal.
+        The models run where `context_s` is (the rollout's models must be there too); the plan is on the CPU."""
         context_s = context_s.float()
-        context_actions = context_actions.float()
+        context_actions = context_actions.float().to(context_s.device)
+        goal_s = goal_s.to(context_s.device)
 
         def cost(actions: torch.Tensor) -> torch.Tensor:
-            pred = self.rollout(context_s, context_actions, actions)
+            pred = self.rollout(context_s, context_actions, actions.to(context_s.device))
             return representation_cost(pred[:, -1], goal_s, self.cost)
 
         return cem(cost, self.low, self.high, self.cem, generator=generator)

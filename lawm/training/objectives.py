@@ -63,6 +63,20 @@ class _ActionInputs(nn.Module):
         s = self.feats(batch)
         return s, batch_actions(batch, self.tubelet, self.action_scale)[:, : s.shape[1] - 1]
 
+    def export_extra(self) -> dict:
+        """Written into every exported checkpoint: a model taught on scaled actions must be driven by the same
+        scale, and planning reads it from here (`trained_action_scale`), never from a config that may differ."""
+        return {"action_scale": float(self.action_scale)}
+
+
+def trained_action_scale(checkpoint: dict) -> float:
+    """The action scale a controller or action-conditioned model was trained with (see `export_extra`)."""
+    scale = checkpoint["extra"].get("action_scale")
+    if not isinstance(scale, float) or not scale > 0:
+        raise ValueError(f"this {checkpoint['name']} checkpoint does not record the action scale it was trained "
+                         "with (trained before lawm recorded it): train it again")
+    return scale
+
 
 def random_window(s: torch.Tensor, window: int) -> torch.Tensor:
     """A random run of `window` consecutive steps (the same for the whole batch); 0 keeps all. Training on
