@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 
@@ -41,8 +42,11 @@ class RerunRollout(ControllerRollout):
     """The baseline of the cache: every step runs the controller and the world model over the whole sequence so far
     (batched over candidates like lawm's rollout, without a cache)."""
 
+    def start(self, context_s, context_actions):
+        return functools.partial(self._rerun, context_s, context_actions)
+
     @torch.no_grad()
-    def __call__(self, context_s, context_actions, actions):
+    def _rerun(self, context_s, context_actions, actions):
         s_count = actions.shape[0]
         seq = context_s[None].expand(s_count, -1, -1, -1)
         zs = self.lam.infer_latents(context_s[None]).expand(s_count, -1, -1) if len(context_s) > 1 else \

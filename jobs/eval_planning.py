@@ -122,10 +122,13 @@ class EvalPlanningConfig:
     # (one step of motion changes features by 0.010) and 0.0100 to 0.0080 for nav; the rest is H.264 in ingest
     frame_size: int = 64  # = ingest_sim.size; 0 = hand frames to the encoder as rendered
     threads: int = 0  # torch intra-op threads while planning; 0 = leave torch's setting
+    # where the world models run (the CEM search and the simulators stay on the CPU); auto = cuda when there is one
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
         require(set(self.domains) <= set(DOMAINS), "domains", f"must be among {list(DOMAINS)}")
         require(self.threads >= 0, "threads", "must be >= 0")
+        require(self.device != "cuda" or torch.cuda.is_available(), "device", "cuda asked for, none is visible")
         require(self.frame_size >= 0, "frame_size", "must be >= 0 (0 = as rendered)")
         self.manip.validate()
         self.nav.validate()
@@ -193,12 +196,17 @@ class DomainModels:
     high: torch.Tensor
 
 
+def planning_device(cfg: EvalPlanningConfig) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
 def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMConfig, cost: str) -> DomainModels:
     ctrl_key = f"{domain}_controller_{cfg.controller}"
-    lam = load_model(ctx.upstream("train_lam", "model"))
+    device = planning_device(cfg)
+    lam = load_model(ctx.upstream("train_lam", "model"), device)
     ctrl_path = ctx.upstream("train_controller", ctrl_key)
     wm_path = ctx.upstream("train_wm_action", f"{domain}_action_wm")
-    controller, action_wm = load_model(ctrl_path), load_model(wm_path)
+    controller, action_wm = load_model(ctrl_path, device), load_model(wm_path, device)
     ctrl_scale, wm_scale = (trained_action_scale(load_checkpoint(p)) for p in (ctrl_path, wm_path))
     if domain == "nav":
         env = cfg.nav_env
@@ -210,8 +218,10 @@ def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMC
         raise ValueError(f"eval_planning: {domain} models take {controller.cfg.action_dim}-d actions, "
                          f"the simulator's are {len(low)}-d")
     return DomainModels(
-        latent=Planner(rollout=ControllerRollout(lam, controller, ctrl_scale), cem=cem, low=low, high=high, cost=cost),
-        action_wm=Planner(rollout=ActionWMRollout(action_wm, wm_scale), cem=cem, low=low, high=high, cost=cost),
+        latent=Planner(rollout=ControllerRollout(lam, controller, ctrl_scale), cem=cem, low=low, high=high, cost=cost,
+                       device=device),
+        action_wm=Planner(rollout=ActionWMRollout(action_wm, wm_scale), cem=cem, low=low, high=high, cost=cost,
+                          device=device),
         low=low, high=high)
 
 
@@ -489,4 +499,5 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
     ctx.log_artifact(table_picture(metrics, ctx.out_dir / "table.png"), "plots")
     for path in ctx.out_dir.rglob("*.parquet"):
         ctx.log_artifact(path, f"tables/{path.parent.name}" if path.parent != ctx.out_dir else "tables")
-    return {**out, "metrics_file": str(ctx.out_dir / "metrics.json"), "metrics": metrics}
+    return {**out, "metrics_file": str(ctx.out_dir / "metrics.json"), "metrics": metrics,
+            "device": planning_device(cfg)}

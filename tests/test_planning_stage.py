@@ -137,7 +137,7 @@ def test_eval_planning_stage_writes_recomputable_tables(upstream):
     assert not (root / "eval_planning" / "_stage.json").exists()
 
     results = run_pipeline(_config(root), STAGES, ["eval_planning"], echo=lambda m: None)
-    assert [r.status for r in results] == ["ran"]
+    assert [r.status for r in results] == ["ran"] and results[0].outputs["device"] == "cpu"
     out = root / "eval_planning"
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("planning/manip/delta_xyz", "planning/manip/delta_xyz_zero_action",
@@ -173,8 +173,11 @@ def test_eval_planning_stage_writes_recomputable_tables(upstream):
     assert [r.status for r in again] == ["skipped"]
 
 
-def test_eval_planning_refuses_bad_inputs(upstream):
+def test_eval_planning_refuses_bad_inputs(upstream, monkeypatch):
     root = upstream
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Exception, match="cuda asked for, none is visible"):  # before any work
+        _config(root, device="cuda")
     marker = json.loads((root / "encode" / "_stage.json").read_text())
     marker["outputs"]["tubelet"] = 2
     (root / "encode" / "_stage.json").write_text(json.dumps(marker))
