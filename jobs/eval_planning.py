@@ -19,7 +19,8 @@ episodes were rendered at), `train_lam` (the latent action world model), `train_
   limit. `planning/<domain>/closed_loop_success` and `…/closed_loop_final_distance` (metres), same baselines.
 
 Actions: real units in the planner, multiplied before entering a model by the scale that model was trained with
-(recorded in its checkpoint: `trained_action_scale`), exactly as training did (`batch_actions`); one action per representation transition (tubelet 1; `check_tubelet`).
+(recorded in its checkpoint: `trained_action_scale`), exactly as training did (`batch_actions`); one action per
+representation transition (tubelet 1; `check_tubelet`). The world models run on `device`, the search on the CPU.
 
 Outputs (in `<run.root>/eval_planning/`): `nav/trajectories.parquet` (episode, step, gt_x, gt_y, gt_yaw, plan_x,
 plan_y, plan_yaw: positions in waypoint units, yaw in radians, in the frame of the start pose),

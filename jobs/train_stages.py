@@ -201,8 +201,8 @@ def run_train_controller(cfg: TrainControllerConfig, ctx: StageContext) -> dict:
     latent_dim = load_checkpoint(lam_path)["config"]["latent_dim"]
 
     def kwargs(enc, domain, adim, scale):
-        ctrl = dataclasses.replace(cfg.controller, action_dim=adim, latent_dim=latent_dim, feat_dim=enc["dim"], grid_h=enc["grid_h"],
-                                   grid_w=enc["grid_w"])
+        ctrl = dataclasses.replace(cfg.controller, action_dim=adim, latent_dim=latent_dim, feat_dim=enc["dim"],
+                                   grid_h=enc["grid_h"], grid_w=enc["grid_w"])
         return {"lam_path": lam_path, "ctrl_cfg": ctrl, "tubelet": enc["tubelet"], "scale": scale}
 
     return {**_per_domain(cfg, ctx, "train_controller", build_controllers, kwargs), "lam": lam_path}

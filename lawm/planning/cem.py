@@ -3,10 +3,11 @@
     result = cem(cost, low, high, CEMConfig(samples=300, elites=10, iterations=15, horizon=3), generator=g)
 
 `cost(actions)` takes candidates (S, H, A) in real action units (on the CPU) and returns (S,) costs on any device;
-it is the whole batched world-model rollout plus the distance to the goal. The search runs in a normalised space where each action
-dimension's bounds [low, high] map to [-1, 1]: it starts at the centre of the box with standard deviation
-`init_std` (the paper's "mean 0, variance 1" when bounds are symmetric and init_std = 1), samples are clipped to the
-box, the `elites` lowest-cost samples refit mean and std, and the best candidate ever scored is returned.
+it is the whole batched world-model rollout plus the distance to the goal. The search runs in a normalised space
+where each action dimension's bounds [low, high] map to [-1, 1]: it starts at the centre of the box with standard
+deviation `init_std` (the paper's "mean 0, variance 1" when bounds are symmetric and init_std = 1), samples are
+clipped to the box, the `elites` lowest-cost samples refit mean and std, and the best candidate ever scored is
+returned.
 With `hold`, one action is drawn per candidate and held over the whole horizon (NWM's straight-line candidates).
 `batch` > 0 splits an iteration's candidates into rollouts of that many (1 = a loop over candidates; the bench's
 baseline). Seeded through `generator`: the same generator state gives the same plan.
