@@ -69,7 +69,7 @@ def planner(cem: CEMConfig, bounds, device: str, rollout=ControllerRollout) -> P
     ctrl = Controller(ControllerConfig(action_dim=len(bounds[0]), latent_dim=LATENT, feat_dim=DIM, grid_h=GRID,
                                        grid_w=GRID, width=64, depth=1, heads=4))
     return Planner(rollout=rollout(lam.to(device), ctrl.to(device), action_scale=1.0), cem=cem,
-                   low=torch.tensor(bounds[0]), high=torch.tensor(bounds[1]))
+                   low=torch.tensor(bounds[0]), high=torch.tensor(bounds[1]), device=device)
 
 
 def time_plan(p: Planner, context: int, repeats: int, device: str) -> float:

@@ -50,6 +50,9 @@ class Stage:
     resumable: bool = False
     section: str = ""  # config section; the stage name when empty
     reads: Callable[[Any], list[str]] = lambda section: []  # paths outside the pipeline that the stage reads
+    # raised when what the stage writes changes meaning: outputs of an older version are not trusted (it reruns, and
+    # so does every stage after it); 0 adds nothing to the identity, so raising it invalidates only this stage's
+    version: int = 0
 
 
 @dataclass
@@ -121,7 +124,7 @@ def _run_one(cfg: Any, stage: Stage, root: Path, force: bool, commit: str, uri: 
     # a forced or changed upstream stage makes every dependant rerun instead of trusting outputs made from the old.
     ihash = config_hash({n: (m["config_hash"], m["inputs_hash"], m["mlflow_run_id"]) for n, m in upstream.items()},
                         stage.external(section))
-    identity = provenance.digest(chash, ihash)
+    identity = provenance.digest(chash, ihash, *([f"version {stage.version}"] if stage.version else []))
     out_dir = root / stage.name
     done = marker(root, stage.name)
     if not force and provenance.record_matches(done, identity):

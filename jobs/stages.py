@@ -103,8 +103,10 @@ STAGES: list[Stage] = [
     Stage("encode", run_encode_stage, inputs=lambda c: ["ingest", "ingest_sim"], resumable=True),
     Stage("train_lam", run_train_lam, inputs=lambda c: ["encode"], resumable=True),
     Stage("train_decoder", run_train_decoder, inputs=lambda c: ["ingest", "encode", "train_lam"], resumable=True),
-    Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_lam"], resumable=True),
-    Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True),
+    # version 1: the checkpoints record the action scale they were trained with (eval_planning reads it there)
+    Stage("train_controller", run_train_controller, inputs=lambda c: ["encode", "train_lam"], resumable=True,
+          version=1),
+    Stage("train_wm_action", run_train_wm_action, inputs=lambda c: ["encode"], resumable=True, version=1),
     Stage("eval_leakage", run_eval_leakage, inputs=lambda c: ["encode", "train_lam"] + (
         ["ingest", "train_decoder"] if c.eval_leakage.pixels else [])),
     Stage("eval_transfer", run_eval_transfer, inputs=lambda c: ["encode", "train_lam", "ingest"] + (

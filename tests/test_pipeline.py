@@ -68,6 +68,35 @@ def test_pipeline_runs_skips_and_forces(tmp_path, ray_local, capsys):
     assert [c.data.tags["lawm.stage"] for c in children5].count("ingest") == 5
 
 
+def test_a_stage_whose_outputs_changed_meaning_reruns_with_what_follows_it(tmp_path):
+    """Raising a stage's `version` makes its old outputs untrusted: it reruns, and so does its dependant; an
+    unversioned stage before it stays skipped."""
+    from jobs.config import PipelineConfig, RunConfig
+    from jobs.runner import Stage, run_pipeline
+
+    calls = []
+
+    def fake(name):
+        def run(section, ctx):
+            calls.append(name)
+            return {"made_by": name}
+        return run
+
+    def stages(version):
+        return [Stage("generate", fake("generate")),
+                Stage("ingest", fake("ingest"), inputs=lambda c: ["generate"], version=version),
+                Stage("simulate", fake("simulate"), inputs=lambda c: ["ingest"])]
+
+    cfg = PipelineConfig(run=RunConfig(root=str(tmp_path / "run"), name="t", experiment="versions"))
+    names = ["generate", "ingest", "simulate"]
+    assert [r.status for r in run_pipeline(cfg, stages(0), names, echo=lambda m: None)] == ["ran"] * 3
+    assert [r.status for r in run_pipeline(cfg, stages(0), names, echo=lambda m: None)] == ["skipped"] * 3
+    again = run_pipeline(cfg, stages(1), names, echo=lambda m: None)
+    assert [r.status for r in again] == ["skipped", "ran", "ran"]
+    assert [r.status for r in run_pipeline(cfg, stages(1), names, echo=lambda m: None)] == ["skipped"] * 3
+    assert calls == names + ["ingest", "simulate"]
+
+
 def test_bad_config_fails_before_any_work(tmp_path, capsys):
     root = tmp_path / "never"
     assert main(["--config", str(CONFIG), f"run.root={root}", "ingest.fsp=3"]) == 2
@@ -131,11 +160,10 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
     # the controller was trained on the world model that train_lam declared, and its inputs hash says so
     assert ctrl["lam"] == wm["model"] and Path(ctrl["nav_controller_mlp"]).exists()
     # each action model's checkpoint records the action scale it was trained with (planning drives it with that)
-    from lawm.checkpoint import load_checkpoint
     from lawm.training.objectives import trained_action_scale
 
-    assert trained_action_scale(load_checkpoint(ctrl["manip_controller_cross_attention"])) == 25.0
-    assert trained_action_scale(load_checkpoint(records["train_wm_action"]["outputs"]["nav_action_wm"])) == 1.0
+    assert trained_action_scale(ctrl["manip_controller_cross_attention"]) == 25.0
+    assert trained_action_scale(records["train_wm_action"]["outputs"]["nav_action_wm"]) == 1.0
     assert {"nav_action_wm", "manip_action_wm"} <= set(records["train_wm_action"]["outputs"])
     assert Path(records["train_decoder"]["outputs"]["predictions"]).stat().st_size > 0
     assert (root / "simulate" / "trajectories.png").stat().st_size > 0

@@ -3,6 +3,7 @@ CEM on a known quadratic, the batched rollouts against one candidate at a time, 
 true dynamics as the world model in the pybullet navigation simulator."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -191,6 +192,17 @@ def test_batched_rollouts_equal_one_candidate_at_a_time(one_thread):
     before = roll(buffer, ctx_a, cand)
     buffer += 0.5
     assert not torch.allclose(roll(buffer, ctx_a, cand), before, atol=1e-4)
+    # context actions must pair up with the context's transitions (a short tensor is not broadcast over them)
+    planner = Planner(rollout=roll, cem=CEMConfig(samples=4, elites=2, iterations=1, horizon=4),
+                      low=-torch.ones(2), high=torch.ones(2))
+    with pytest.raises(ValueError, match="3 context frames need 2 context actions, got 1"):
+        planner.plan(ctx, ctx_a[:1], ctx[-1])
+    with pytest.raises(ValueError, match="2 frames need 2 conditions"):
+        awm.wm.prefill(ctx[None, :2], ctx_a[None, :1])
+    per_token = LatentActionWorldModel(LAMConfig(feat_dim=dim, grid_h=grid, grid_w=grid, latent_dim=16,
+                                                 idm=dataclasses.replace(lam.cfg.idm, mode="per_token")))
+    with pytest.raises(ValueError, match="latents per token"):
+        ControllerRollout(per_token, ctrl, action_scale=1.0)
     # the scale is applied: scaling the candidates by 2 at scale 1 gives the same rollout as scale 2
     a = ControllerRollout(lam, ctrl, action_scale=1.0)(ctx, ctx_a * 2, cand * 2)
     b = ControllerRollout(lam, ctrl, action_scale=2.0)(ctx, ctx_a, cand)

@@ -102,7 +102,7 @@ def upstream(tmp_path):
     lam = LatentActionWorldModel(LAMConfig(feat_dim=DIM, grid_h=GRID, grid_w=GRID, latent_dim=16))
     _marker(root, "train_lam", {"model": str(save_model(data / "lam.pt", lam))})
     ctrls, wms = {}, {}
-    for domain, adim, scale in (("nav", 2, 1.0), ("manip", 4, 25.0)):
+    for domain, adim, scale in (("nav", 2, 1), ("manip", 4, 25.0)):  # an int scale is a scale too
         ctrl = Controller(ControllerConfig(action_dim=adim, latent_dim=16, feat_dim=DIM, grid_h=GRID, grid_w=GRID,
                                            width=32, depth=1, heads=4))
         ctrls[f"{domain}_controller_cross_attention"] = str(save_model(data / f"{domain}_ctrl.pt", ctrl,
@@ -116,7 +116,7 @@ def upstream(tmp_path):
 
 def _config(root: Path, **section) -> PipelineConfig:
     small = {"samples": 6, "elites": 2, "iterations": 2}
-    ep = {"domains": ["nav", "manip"], "threads": 1,
+    ep = {"domains": ["nav", "manip"], "threads": 1, "device": "cpu",
           "manip": {"episodes": 3, "cem": {**small, "horizon": 3}},
           "nav": {"episodes": 3, "cem": {**small, "horizon": 8, "hold": True}},
           "closed_loop": {"episodes": 1, "nav_max_steps": 2, "manip_max_steps": 2,
@@ -198,7 +198,10 @@ def test_eval_planning_refuses_bad_inputs(upstream, monkeypatch):
     payload = load_checkpoint(ctrl_path)
     save_model(ctrl_path, load_model(ctrl_path), extra={k: v for k, v in payload["extra"].items()
                                                         if k != "action_scale"})
-    with pytest.raises(ValueError, match="does not record the action scale"):
+    with pytest.raises(ValueError, match="nav_ctrl.pt does not record the action scale"):
+        run_pipeline(_config(root), STAGES, ["eval_planning"], echo=lambda m: None)
+    save_model(ctrl_path, load_model(ctrl_path), extra={"action_scale": -2})
+    with pytest.raises(ValueError, match="-2 is not a positive number"):
         run_pipeline(_config(root), STAGES, ["eval_planning"], echo=lambda m: None)
     with pytest.raises(Exception, match="elites"):
         _config(root, manip={"cem": {"samples": 2, "elites": 3, "iterations": 1, "horizon": 3}})

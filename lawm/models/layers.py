@@ -101,8 +101,8 @@ def block_causal_block_mask(t: int, n: int, device) -> "object":
 
 class KVCache:
     """Keys and values (after RoPE) of the frames one block has seen, (B, heads, L, head_dim). Tensors are never
-    written in place: `fork()` gives a cache that can grow without changing this one (a shared context, reused
-    by every rollout of a CEM iteration)."""
+    written in place, so `StepCache.fork()` can share them: the fork grows without changing this one (a shared
+    context, reused by every rollout of a CEM iteration)."""
 
     def __init__(self):
         self.k: torch.Tensor | None = None

@@ -94,6 +94,9 @@ class WorldModel(nn.Module):
     @torch.no_grad()
     def prefill(self, s: torch.Tensor, z: torch.Tensor) -> StepCache:
         """A cache over frames s (B, T, N, D) conditioned on z (B, T, dz); T may be 0. Batch 1 serves any batch."""
+        if z.shape[1] != s.shape[1]:
+            raise ValueError(f"prefill: {s.shape[1]} frames need {s.shape[1]} conditions (latents or actions), "
+                             f"got {z.shape[1]}")
         cache = self.body.new_cache()
         if s.shape[1]:
             self(s, z, cache=cache)

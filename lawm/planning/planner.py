@@ -2,7 +2,7 @@
 
 Two ways to turn candidate real actions into predicted representations (both batched over candidates):
 - `ControllerRollout`: the latent action world model driven through the controller (the paper's "universal
-  interface"): real action a_t (times `action_scale`, as in training) -> z_t = controller(a_0..t, s_0..t), then
+  interface"): real action a_t (times `action_scale`, as in training) -> z_t = controller(a_t, s_0..t), then
   the world model predicts s_t+1 from s_0..t and z_0..t, autoregressively. The context's own transitions keep
   the IDM's latents (they were observed); only the future is driven by the controller.
 - `ActionWMRollout`: the action-conditioned world model, fed the scaled actions directly (the upper bound).
@@ -50,6 +50,9 @@ class ControllerRollout:
     every call of what it returns (a CEM iteration's candidates) starts from a fork of those caches."""
 
     def __init__(self, lam: LatentActionWorldModel, controller: Controller, action_scale: float):
+        if lam.cfg.idm.mode != "pooled":
+            raise ValueError(f"a controller gives one latent per frame; this world model takes latents per token "
+                             f"(idm.mode {lam.cfg.idm.mode!r})")
         self.lam, self.controller, self.scale = lam.eval(), controller.eval(), action_scale
 
     @torch.no_grad()
@@ -125,6 +128,9 @@ class Planner:
              generator: torch.Generator | None = None) -> CEMResult:
         """Best (H, A) real actions from the last context frame so that the prediction at the horizon is the goal.
         The rollouts run on `device`; the search and the plan stay on the CPU."""
+        if context_actions.shape[0] != context_s.shape[0] - 1:
+            raise ValueError(f"plan: {context_s.shape[0]} context frames need {context_s.shape[0] - 1} context "
+                             f"actions, got {context_actions.shape[0]}")
         context_s = context_s.float().to(self.device)
         context_actions = context_actions.float().to(self.device)
         goal_s = goal_s.to(self.device)

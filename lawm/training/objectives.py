@@ -7,9 +7,12 @@ encoded on the fly by the frozen encoder.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+from lawm.checkpoint import load_checkpoint
 from lawm.models.action_wm import ActionWorldModel
 from lawm.models.controllers import Controller, controller_loss
 from lawm.models.decoder import FrameDecoder, pixel_l1, psnr
@@ -69,13 +72,15 @@ class _ActionInputs(nn.Module):
         return {"action_scale": float(self.action_scale)}
 
 
-def trained_action_scale(checkpoint: dict) -> float:
-    """The action scale a controller or action-conditioned model was trained with (see `export_extra`)."""
-    scale = checkpoint["extra"].get("action_scale")
-    if not isinstance(scale, float) or not scale > 0:
-        raise ValueError(f"this {checkpoint['name']} checkpoint does not record the action scale it was trained "
-                         "with (trained before lawm recorded it): train it again")
-    return scale
+def trained_action_scale(path: str | Path) -> float:
+    """The action scale the controller or action-conditioned model at `path` was trained with (`export_extra`)."""
+    scale = load_checkpoint(path)["extra"].get("action_scale")
+    if scale is None:
+        raise ValueError(f"{path} does not record the action scale it was trained with (trained before lawm "
+                         "recorded it): train it again")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{path}: the recorded action scale {scale!r} is not a positive number")
+    return float(scale)
 
 
 def random_window(s: torch.Tensor, window: int) -> torch.Tensor:
