@@ -100,14 +100,28 @@ def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=
 
 class _MlflowLogger:
     """Rank 0 logs step metrics into the stage's child run, every rank tags its node (the library itself never
-    imports MLflow)."""
+    imports MLflow).
+
+    Calls only queue: one background thread sends, so training never waits on the tracking server, and a server that
+    is down or restarting costs no training. What could not be sent stays queued, in order, and is sent again (after
+    1 s, doubling to 60 s between tries) with what comes later. `close` waits up to `flush_s` for the queue to
+    empty and returns how many values it could not send (rank 0's metrics are in progress.jsonl as well)."""
+
+    BATCH = 100  # entries per request: MLflow takes up to 1000 metrics but only 100 tags in one log_batch
 
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.client, self.prefix = None, prefix
+        self.failed_tries, self.last_error = 0, ""
+        self._queue: list[tuple] = []  # ("metric", Metric) or ("tag", key, value), in call order
+        self._cond = threading.Condition()
+        self._closing = self._abandoned = False
+        self._thread: threading.Thread | None = None
         if uri and run_id:
             import mlflow
 
             self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+            self._thread = threading.Thread(target=self._send_loop, name="lawm-mlflow-logger", daemon=True)
+            self._thread.start()
 
     def tag_node(self, rank: int, step: int) -> None:
         """Tag the run with the Ray node this rank runs on, at each (re)start of the worker group: the tag
@@ -117,8 +131,8 @@ class _MlflowLogger:
             return
         import ray
 
-        self.client.set_tag(self.run_id, f"lawm.worker_node/{self.prefix}rank{rank}/step{step}",
-                            ray.get_runtime_context().get_node_id())
+        self._put([("tag", f"lawm.worker_node/{self.prefix}rank{rank}/step{step}",
+                    ray.get_runtime_context().get_node_id())])
 
     def __call__(self, metrics: dict, step: int) -> None:
         if self.client is None:
@@ -126,8 +140,67 @@ class _MlflowLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(self.prefix + k, float(v), ts, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._put([("metric", Metric(self.prefix + k, float(v), ts, step)) for k, v in metrics.items()])
+
+    def close(self, flush_s: float) -> int:
+        """Send what is queued, waiting at most `flush_s`; the number of values left unsent."""
+        if self._thread is None:
+            return 0
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(flush_s)
+        with self._cond:
+            self._abandoned = True  # a thread still retrying stops at its next wake-up
+            self._cond.notify_all()
+            return len(self._queue)
+
+    def _put(self, items: list[tuple]) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the MLflow logger is closed")
+            self._queue += items
+            self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        from mlflow.entities import RunTag
+
+        delay = 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue or self._abandoned:
+                    return
+                batch = self._queue[: self.BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=[e[1] for e in batch if e[0] == "metric"],
+                                      tags=[RunTag(e[1], e[2]) for e in batch if e[0] == "tag"])
+            except Exception as err:  # noqa: BLE001 - server down, restarting, refusing: keep the values, try again
+                self.failed_tries, self.last_error = self.failed_tries + 1, f"{err.__class__.__name__}: {err}"[:300]
+                if self.failed_tries == 1:
+                    sys.stdout.write(f"[mlflow] cannot log to the tracking server ({self.last_error}); training goes "
+                                     "on and the values are sent when it answers\n")
+                    sys.stdout.flush()
+                with self._cond:
+                    if not self._abandoned:
+                        self._cond.wait(delay)
+                delay = min(2 * delay, 60.0)
+                continue
+            delay = 1.0
+            with self._cond:
+                del self._queue[: len(batch)]
+
+
+MLFLOW_FLUSH_S = 60.0  # how long a finished worker waits for its queued MLflow values before going on without them
+
+
+def _close_logger(job: TrainJob, log: _MlflowLogger, flush_s: float) -> None:
+    left = log.close(flush_s)
+    if left:
+        sys.stdout.write(f"[{job.stage}] {left} values not sent to MLflow ({log.last_error}); rank 0's metrics are "
+                         f"in {Path(job.out_dir) / 'progress.jsonl'}\n")
+        sys.stdout.flush()
 
 
 def _progress(job: TrainJob, event: dict) -> None:
@@ -159,37 +232,45 @@ def train_worker(config: dict) -> None:
         _restore_rank_rng(state, rank, world, job.seed)
     # every rank tags its node (a client per rank: 2.0 s of CPU, measured with a sqlite store); rank 0 logs metrics
     log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id, job.metric_prefix)
-    log.tag_node(rank, trainer.step)
-    if rank == 0:
-        _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
-    ds, loader = _loader(job, job.train_urls, job.train.shuffle, repeat=True)
-
-    def make_batches(consumed: int):
-        ds.set_position(consumed, job.train.batch_size)
-        return _audited(iter(loader), Path(job.out_dir) / f"keys-rank{rank}.txt") if job.audit_keys else iter(loader)
-
-    def on_log(metrics: dict, step: int) -> None:
+    finished = False
+    try:
+        log.tag_node(rank, trainer.step)
         if rank == 0:
-            log(metrics, step)
-            _progress(job, {"event": "log", "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
-            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "pred_loss", "samples_per_s") if k in metrics)
-            # not print(): Ray Train patches it to log *and* echo, which showed every line twice in the driver
-            sys.stdout.write(f"[{job.stage}] step {step}/{job.train.steps} {shown}\n")
-            sys.stdout.flush()
+            _progress(job, {"event": "start", "step": trainer.step, "world_size": world})
+        ds, loader = _loader(job, job.train_urls, job.train.shuffle, repeat=True)
 
-    def on_checkpoint(state: dict, step: int, metrics: dict) -> None:
-        state = {**state, "rng_ranks": _gather_rng(state["rng"], world)}
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
+        def make_batches(consumed: int):
+            ds.set_position(consumed, job.train.batch_size)
+            if job.audit_keys:
+                return _audited(iter(loader), Path(job.out_dir) / f"keys-rank{rank}.txt")
+            return iter(loader)
+
+        def on_log(metrics: dict, step: int) -> None:
             if rank == 0:
-                torch.save(state, Path(d) / "state.pt")
-                (Path(d) / "step.json").write_text(json.dumps({"step": step}))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
+                log(metrics, step)
+                _progress(job, {"event": "log", "step": step, **{k: round(v, 6) for k, v in metrics.items()}})
+                shown = " ".join(f"{k}={metrics[k]:.4g}" for k in ("loss", "pred_loss", "samples_per_s")
+                                 if k in metrics)
+                # not print(): Ray Train patches it to log *and* echo, which showed every line twice in the driver
+                sys.stdout.write(f"[{job.stage}] step {step}/{job.train.steps} {shown}\n")
+                sys.stdout.flush()
 
-    trainer.fit(make_batches, on_log, on_checkpoint)
-    if rank == 0:
-        _finish(job, objective, log)
+        def on_checkpoint(state: dict, step: int, metrics: dict) -> None:
+            state = {**state, "rng_ranks": _gather_rng(state["rng"], world)}
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if rank == 0:
+                    torch.save(state, Path(d) / "state.pt")
+                    (Path(d) / "step.json").write_text(json.dumps({"step": step}))
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report({"step": step, **metrics}, checkpoint=ckpt)
+
+        trainer.fit(make_batches, on_log, on_checkpoint)
+        if rank == 0:
+            _finish(job, objective, log)
+        finished = True
+    finally:  # a crash waits briefly: its own error is the one to see
+        _close_logger(job, log, flush_s=MLFLOW_FLUSH_S if finished else 5.0)
 
 
 def _gather_rng(own: dict, world: int) -> list[dict]:

@@ -256,3 +256,46 @@ def test_pipeline_logs_through_a_real_server(tmp_path, ray_local, monkeypatch):
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
         s.settimeout(5)
         s.connect(("127.0.0.1", port))
+
+
+def test_training_metrics_outlive_a_tracking_server_restart(tmp_path, monkeypatch):
+    """Training's MLflow logger never waits on the server: values logged while it is down are kept and sent, in
+    order, once it answers again (same port, same store); a server that never comes back leaves a count of what
+    was not sent, after at most the flush time."""
+    import time
+
+    import mlflow
+
+    from jobs.ray_train import _MlflowLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the logger does its own retrying
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    first = MlflowServer(tmp_path)
+    with first:
+        client = mlflow.MlflowClient(first.url)
+        run_id = client.create_run(client.create_experiment("restart")).info.run_id
+        log = _MlflowLogger(first.url, run_id, prefix="nav/")
+        log({"loss": 1.0}, 1)
+        deadline = time.monotonic() + 30
+        while not client.get_metric_history(run_id, "nav/loss"):
+            assert time.monotonic() < deadline, "the first value never arrived"
+            time.sleep(0.2)
+    log({"loss": 0.5, "lr": 0.1}, 2)  # the server is gone: these only queue
+    log({"loss": 0.25, "lr": 0.1}, 3)
+    deadline = time.monotonic() + 30
+    while not log.failed_tries:
+        assert time.monotonic() < deadline, "the logger never tried the stopped server"
+        time.sleep(0.2)
+    assert log.last_error
+    second = MlflowServer(tmp_path)
+    second.port, second.url = first.port, first.url  # the same server back: same address, same store
+    with second:
+        assert log.close(flush_s=60) == 0
+        history = mlflow.MlflowClient(second.url).get_metric_history(run_id, "nav/loss")
+        assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.25)]
+        assert len(mlflow.MlflowClient(second.url).get_metric_history(run_id, "nav/lr")) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        log({"loss": 0.1}, 4)
+    never = _MlflowLogger(first.url, run_id)  # nothing listens there any more
+    never({"a": 1.0, "b": 2.0}, 1)
+    assert never.close(flush_s=2) == 2 and never.last_error
