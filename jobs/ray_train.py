@@ -98,20 +98,34 @@ def _loader(job: TrainJob, urls: list[str], shuffle: int, rank=None, world_size=
     return ds, loader
 
 
+# MLflow answers a value it will never take (a bad name, a deleted run) with one of these: dropped, not retried
+_REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST",
+             "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def _refused(err: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.error_code in _REFUSALS
+
+
 class _MlflowLogger:
     """Rank 0 logs step metrics into the stage's child run, every rank tags its node (the library itself never
     imports MLflow).
 
     Calls only queue: one background thread sends, so training never waits on the tracking server, and a server that
-    is down or restarting costs no training. What could not be sent stays queued, in order, and is sent again (after
-    1 s, doubling to 60 s between tries) with what comes later. `close` waits up to `flush_s` for the queue to
-    empty and returns how many values it could not send (rank 0's metrics are in progress.jsonl as well)."""
+    is down or restarting costs no training. What could not be sent stays queued, in order, and is tried again after
+    1 s, doubling to 60 s (new values do not shorten the wait; while closing, every second). A value MLflow refuses
+    (`_REFUSALS`) is found by sending the batch one value at a time, dropped, counted in `dropped` and named once on
+    the console; the rest go on. `close` waits up to `flush_s` for the queue to empty and returns how many values
+    MLflow has not confirmed, dropped ones included. The sender's HTTP requests should fail fast (`train_worker` sets
+    MLflow's own retries to 0 and its timeout to 10 s unless the user set them): this loop does the retrying."""
 
     BATCH = 100  # entries per request: MLflow takes up to 1000 metrics but only 100 tags in one log_batch
 
     def __init__(self, uri: str, run_id: str, prefix: str = ""):
         self.client, self.prefix = None, prefix
-        self.failed_tries, self.last_error = 0, ""
+        self.failed_tries, self.dropped, self.last_error = 0, 0, ""
         self._queue: list[tuple] = []  # ("metric", Metric) or ("tag", key, value), in call order
         self._cond = threading.Condition()
         self._closing = self._abandoned = False
@@ -143,7 +157,7 @@ class _MlflowLogger:
         self._put([("metric", Metric(self.prefix + k, float(v), ts, step)) for k, v in metrics.items()])
 
     def close(self, flush_s: float) -> int:
-        """Send what is queued, waiting at most `flush_s`; the number of values left unsent."""
+        """Send what is queued, waiting at most `flush_s`; the number of values MLflow has not confirmed."""
         if self._thread is None:
             return 0
         with self._cond:
@@ -153,7 +167,7 @@ class _MlflowLogger:
         with self._cond:
             self._abandoned = True  # a thread still retrying stops at its next wake-up
             self._cond.notify_all()
-            return len(self._queue)
+            return len(self._queue) + self.dropped
 
     def _put(self, items: list[tuple]) -> None:
         with self._cond:
@@ -162,29 +176,50 @@ class _MlflowLogger:
             self._queue += items
             self._cond.notify_all()
 
-    def _send_loop(self) -> None:
+    def _send(self, batch: list[tuple]) -> None:
         from mlflow.entities import RunTag
 
-        delay = 1.0
+        self.client.log_batch(self.run_id, metrics=[e[1] for e in batch if e[0] == "metric"],
+                              tags=[RunTag(e[1], e[2]) for e in batch if e[0] == "tag"])
+
+    def _note(self, err: Exception, what: str) -> None:
+        self.last_error = f"{err.__class__.__name__}: {err}"[:300]
+        sys.stdout.write(f"[mlflow] {what} ({self.last_error})\n")
+        sys.stdout.flush()
+
+    def _send_loop(self) -> None:
+        delay, limit = 1.0, self.BATCH
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
                     self._cond.wait()
                 if not self._queue or self._abandoned:
                     return
-                batch = self._queue[: self.BATCH]
+                batch = self._queue[:limit]
             try:
-                self.client.log_batch(self.run_id, metrics=[e[1] for e in batch if e[0] == "metric"],
-                                      tags=[RunTag(e[1], e[2]) for e in batch if e[0] == "tag"])
-            except Exception as err:  # noqa: BLE001 - server down, restarting, refusing: keep the values, try again
-                self.failed_tries, self.last_error = self.failed_tries + 1, f"{err.__class__.__name__}: {err}"[:300]
+                self._send(batch)
+            except Exception as err:  # noqa: BLE001 - down, restarting or refusing: see the class docstring
+                if _refused(err):
+                    if len(batch) > 1:
+                        limit = 1  # find the value it refuses
+                        continue
+                    self.dropped += 1
+                    if self.dropped == 1:
+                        self._note(err, "a value was refused and dropped; the others go on")
+                    with self._cond:
+                        del self._queue[:1]
+                    limit = self.BATCH
+                    continue
+                self.failed_tries += 1
                 if self.failed_tries == 1:
-                    sys.stdout.write(f"[mlflow] cannot log to the tracking server ({self.last_error}); training goes "
-                                     "on and the values are sent when it answers\n")
-                    sys.stdout.flush()
-                with self._cond:
-                    if not self._abandoned:
-                        self._cond.wait(delay)
+                    self._note(err, "cannot log to the tracking server; training goes on and the values are sent "
+                                    "when it answers")
+                deadline = time.monotonic() + delay
+                with self._cond:  # new values do not end the wait; closing does, and then retries every second
+                    while not self._abandoned and time.monotonic() < deadline:
+                        if self._closing:
+                            deadline = min(deadline, time.monotonic() + 1.0)
+                        self._cond.wait(max(0.0, min(deadline - time.monotonic(), 1.0)))
                 delay = min(2 * delay, 60.0)
                 continue
             delay = 1.0
@@ -198,8 +233,10 @@ MLFLOW_FLUSH_S = 60.0  # how long a finished worker waits for its queued MLflow 
 def _close_logger(job: TrainJob, log: _MlflowLogger, flush_s: float) -> None:
     left = log.close(flush_s)
     if left:
-        sys.stdout.write(f"[{job.stage}] {left} values not sent to MLflow ({log.last_error}); rank 0's metrics are "
-                         f"in {Path(job.out_dir) / 'progress.jsonl'}\n")
+        out = Path(job.out_dir)
+        sys.stdout.write(f"[{job.stage}] {left} values not confirmed by MLflow ({log.last_error or 'no answer'}); "
+                         f"the step metrics are in {out / 'progress.jsonl'}, the validation metrics in "
+                         f"{out / 'result.json'}\n")
         sys.stdout.flush()
 
 
@@ -230,7 +267,10 @@ def train_worker(config: dict) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         _restore_rank_rng(state, rank, world, job.seed)
-    # every rank tags its node (a client per rank: 2.0 s of CPU, measured with a sqlite store); rank 0 logs metrics
+    # every rank tags its node (a client per rank: 2.0 s of CPU, measured with a sqlite store); rank 0 logs metrics.
+    # The logger retries by itself: MLflow's own retries (7, ~4 min) and 120 s timeout would only hide the failure
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     log = _MlflowLogger(job.tracking_uri, job.mlflow_run_id, job.metric_prefix)
     finished = False
     try:

@@ -51,7 +51,8 @@ class Stage:
     section: str = ""  # config section; the stage name when empty
     reads: Callable[[Any], list[str]] = lambda section: []  # paths outside the pipeline that the stage reads
     # raised when what the stage writes changes meaning: outputs of an older version are not trusted (it reruns, and
-    # so does every stage after it); 0 adds nothing to the identity, so raising it invalidates only this stage's
+    # so does every stage after it); 0 adds nothing to the identity, so raising it leaves every other stage's identity
+    # as it was
     version: int = 0
 
 

@@ -299,3 +299,36 @@ def test_training_metrics_outlive_a_tracking_server_restart(tmp_path, monkeypatc
     never = _MlflowLogger(first.url, run_id)  # nothing listens there any more
     never({"a": 1.0, "b": 2.0}, 1)
     assert never.close(flush_s=2) == 2 and never.last_error
+
+
+def test_the_training_logger_drops_only_what_mlflow_refuses_and_waits_between_tries(tmp_path):
+    """A value MLflow will never take (an invalid name) is dropped and counted, the values around it arrive; while
+    the server is unreachable, new values do not make the logger try again before its wait is over."""
+    import mlflow
+
+    from jobs.ray_train import _MlflowLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("refused")).info.run_id
+    log = _MlflowLogger(uri, run_id)
+    log({"loss": 1.0}, 1)
+    log({"../bad": 1.0, "loss": 0.5}, 2)
+    log({"loss": 0.25}, 3)
+    assert log.close(flush_s=30) == 1 and log.dropped == 1 and "bad" in log.last_error
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == \
+        [(1, 1.0), (2, 0.5), (3, 0.25)]
+
+    class Unreachable:
+        tries = 0
+
+        def log_batch(self, run_id, metrics, tags):
+            Unreachable.tries += 1
+            raise ConnectionError("nothing listens")
+
+    down = _MlflowLogger(uri, run_id)
+    down.client = Unreachable()
+    for step in range(50):  # all within the first wait (1 s): none of them may start a try of its own
+        down({"loss": 0.1}, step)
+    assert down.close(flush_s=0.5) == 50
+    assert Unreachable.tries <= 2, Unreachable.tries
