@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lawm.checkpoint import load_model
+from lawm.checkpoint import load_model, load_model_with_extra
 from lawm.config import require
 from lawm.files import atomic_write_json, atomic_write_parquet
 from lawm.data.features import feature_dataset
@@ -207,8 +207,8 @@ def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMC
     lam = load_model(ctx.upstream("train_lam", "model"), device)
     ctrl_path = ctx.upstream("train_controller", ctrl_key)
     wm_path = ctx.upstream("train_wm_action", f"{domain}_action_wm")
-    controller, action_wm = load_model(ctrl_path, device), load_model(wm_path, device)
-    ctrl_scale, wm_scale = trained_action_scale(ctrl_path), trained_action_scale(wm_path)
+    (controller, ctrl_extra), (action_wm, wm_extra) = (load_model_with_extra(p, device) for p in (ctrl_path, wm_path))
+    ctrl_scale, wm_scale = trained_action_scale(ctrl_extra, ctrl_path), trained_action_scale(wm_extra, wm_path)
     if domain == "nav":
         env = cfg.nav_env
         low, high = torch.tensor([-env.max_v, -env.max_w]), torch.tensor([env.max_v, env.max_w])

@@ -57,6 +57,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    return load_model_with_extra(path, map_location)[0]
+
+
+def load_model_with_extra(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The model and the `extra` values saved beside it, from one read of the file."""
     payload = load_checkpoint(path)
     reg = _registry()
     if payload["name"] not in reg:
@@ -64,4 +69,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     cfg_cls, build = reg[payload["name"]]
     model = build(from_dict(cfg_cls, payload["config"]))
     model.load_state_dict(payload["state_dict"], strict=True)
-    return model.to(map_location)
+    return model.to(map_location), payload["extra"]

@@ -160,10 +160,12 @@ def test_every_stage_end_to_end_through_declared_outputs(tmp_path, ray_local):
     # the controller was trained on the world model that train_lam declared, and its inputs hash says so
     assert ctrl["lam"] == wm["model"] and Path(ctrl["nav_controller_mlp"]).exists()
     # each action model's checkpoint records the action scale it was trained with (planning drives it with that)
+    from lawm.checkpoint import load_model_with_extra
     from lawm.training.objectives import trained_action_scale
 
-    assert trained_action_scale(ctrl["manip_controller_cross_attention"]) == 25.0
-    assert trained_action_scale(records["train_wm_action"]["outputs"]["nav_action_wm"]) == 1.0
+    for path, scale in ((ctrl["manip_controller_cross_attention"], 25.0),
+                        (records["train_wm_action"]["outputs"]["nav_action_wm"], 1.0)):
+        assert trained_action_scale(load_model_with_extra(path)[1], path) == scale
     assert {"nav_action_wm", "manip_action_wm"} <= set(records["train_wm_action"]["outputs"])
     assert Path(records["train_decoder"]["outputs"]["predictions"]).stat().st_size > 0
     assert (root / "simulate" / "trajectories.png").stat().st_size > 0

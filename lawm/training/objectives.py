@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lawm.checkpoint import load_checkpoint
 from lawm.models.action_wm import ActionWorldModel
 from lawm.models.controllers import Controller, controller_loss
 from lawm.models.decoder import FrameDecoder, pixel_l1, psnr
@@ -72,9 +71,10 @@ class _ActionInputs(nn.Module):
         return {"action_scale": float(self.action_scale)}
 
 
-def trained_action_scale(path: str | Path) -> float:
-    """The action scale the controller or action-conditioned model at `path` was trained with (`export_extra`)."""
-    scale = load_checkpoint(path)["extra"].get("action_scale")
+def trained_action_scale(extra: dict, path: str | Path) -> float:
+    """The action scale a controller or action-conditioned model was trained with, from the `extra` values of its
+    checkpoint at `path` (`export_extra`; `lawm.checkpoint.load_model_with_extra` reads both at once)."""
+    scale = extra.get("action_scale")
     if scale is None:
         raise ValueError(f"{path} does not record the action scale it was trained with (trained before lawm "
                          "recorded it): train it again")
