@@ -201,9 +201,9 @@ def planning_device(cfg: EvalPlanningConfig) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
 
 
-def _planners(ctx: StageContext, cfg: EvalPlanningConfig, domain: str, cem: CEMConfig, cost: str) -> DomainModels:
+def _planners(ctx: StageContext, cfg: EvalPlanningConfig, *, domain: str, cem: CEMConfig, cost: str,
+              device: str) -> DomainModels:
     ctrl_key = f"{domain}_controller_{cfg.controller}"
-    device = planning_device(cfg)
     lam = load_model(ctx.upstream("train_lam", "model"), device)
     ctrl_path = ctx.upstream("train_controller", ctrl_key)
     wm_path = ctx.upstream("train_wm_action", f"{domain}_action_wm")
@@ -443,6 +443,7 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
     out: dict = {}
     closed: list[pd.DataFrame] = []
     spacing = cfg.nav.waypoint_spacing or cfg.nav_env.max_v / CONTROL_HZ
+    device = planning_device(cfg)
     try:
         encoder = _encoder(ctx) if cfg.closed_loop.episodes else None
         for domain in cfg.domains:
@@ -454,7 +455,7 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
                       cfg.nav_env if domain == "nav" else cfg.manip_env)
             episodes = held_out_episodes(features, domain)
             section = cfg.nav if domain == "nav" else cfg.manip
-            models = _planners(ctx, cfg, domain, section.cem, section.cost)
+            models = _planners(ctx, cfg, domain=domain, cem=section.cem, cost=section.cost, device=device)
             key = f"planning/{domain}"
             if domain == "manip":
                 table = eval_manip(cfg, models, episodes, ctx.seed)
@@ -501,4 +502,4 @@ def run_eval_planning(cfg: EvalPlanningConfig, ctx: StageContext) -> dict:
     for path in ctx.out_dir.rglob("*.parquet"):
         ctx.log_artifact(path, f"tables/{path.parent.name}" if path.parent != ctx.out_dir else "tables")
     return {**out, "metrics_file": str(ctx.out_dir / "metrics.json"), "metrics": metrics,
-            "device": planning_device(cfg)}
+            "device": device}

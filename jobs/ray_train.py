@@ -234,9 +234,11 @@ def _close_logger(job: TrainJob, log: _MlflowLogger, flush_s: float) -> None:
     left = log.close(flush_s)
     if left:
         out = Path(job.out_dir)
+        where = f"the step metrics are in {out / 'progress.jsonl'}"
+        if (out / "result.json").exists():  # written by _finish: not there after a crash
+            where += f", the validation metrics in {out / 'result.json'}"
         sys.stdout.write(f"[{job.stage}] {left} values not confirmed by MLflow ({log.last_error or 'no answer'}); "
-                         f"the step metrics are in {out / 'progress.jsonl'}, the validation metrics in "
-                         f"{out / 'result.json'}\n")
+                         f"{where}\n")
         sys.stdout.flush()
 
 
